@@ -1,0 +1,258 @@
+// Hand-written CPU kernels for torchmatgrad::linear and its backward, and their registration.
+//
+// Layout decisions (the launcher's, not the kernels'): x and grad_output are flattened to
+// [R, ·] row-major copies when not already; a non-contiguous weight is copied once. The kernels
+// live in linear_kernel_impl.h and are compiled twice, for AVX2+FMA+F16C and for the baseline
+// instruction set; the first call picks one from the running CPU.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "../ops.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TORCHMATGRAD_X86 1
+#endif
+
+namespace torchmatgrad {
+
+// Storage tags with the bits of c10::BFloat16 / c10::Half, so the kernels need no torch header.
+struct bf16_t {
+  uint16_t x;
+};
+struct f16_t {
+  uint16_t x;
+};
+
+#ifdef TORCHMATGRAD_X86
+namespace cpu_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define TORCHMATGRAD_F16C 1
+#include "linear_kernel_impl.h"
+#undef TORCHMATGRAD_F16C
+#pragma GCC pop_options
+}  // namespace cpu_avx2
+#endif
+
+namespace cpu_base {
+#include "linear_kernel_impl.h"
+}  // namespace cpu_base
+
+namespace {
+
+template <typename S>
+struct Storage {
+  using type = S;
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using type = bf16_t;
+};
+template <>
+struct Storage<c10::Half> {
+  using type = f16_t;
+};
+
+bool cpu_has_avx2() {
+#ifdef TORCHMATGRAD_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef TORCHMATGRAD_X86
+#define TORCHMATGRAD_PICK(...) (cpu_has_avx2() ? &cpu_avx2::__VA_ARGS__ : &cpu_base::__VA_ARGS__)
+#else
+#define TORCHMATGRAD_PICK(...) (&cpu_base::__VA_ARGS__)
+#endif
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Chunks of work below this many multiply-adds are not worth a thread.
+constexpr int64_t kMinWorkPerThread = 1 << 15;
+
+// C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), all row-major. Tiles of C are independent,
+// so they are spread over threads; with P ≤ kFewRows a tile spans all P rows and 16 rows of B,
+// so B (the weight, in the forward) is read from memory once.
+template <typename T, typename O>
+void gemm_nt(const T* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc, const T* bias,
+             int64_t P, int64_t Q, int64_t K, bool accumulate) {
+  auto fn = TORCHMATGRAD_PICK(gemm_nt_tile<T, O>);
+  const int64_t tp = P <= kFewRows ? P : cpu_base::kTileP;
+  const int64_t tq = P <= kFewRows ? 16 : cpu_base::kTileQ;
+  const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, tp * tq * K));
+  at::parallel_for(0, np * nq, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = (t / nq) * tp, q0 = (t % nq) * tq;
+      fn(A, lda, B, ldb, C, ldc, bias, K, p0, std::min(P, p0 + tp), q0, std::min(Q, q0 + tq),
+         accumulate);
+    }
+  });
+}
+
+// grad_bias [n] = Σ_r G [R, n] over rows, in the accumulation type, then narrowed into gb.
+template <typename T>
+void bias_grad(const at::Tensor& g2d, const at::Tensor& gb) {
+  const int64_t R = g2d.size(0), n = g2d.size(1);
+  auto acc = at::empty({n}, g2d.options().dtype(acc_dtype(g2d.scalar_type())));
+  auto fn = TORCHMATGRAD_PICK(column_sum<T>);
+  at::parallel_for(0, n, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, R)),
+                   [&](int64_t q0, int64_t q1) {
+                     fn(ptr<T>(g2d), n, R, q0, q1, ptr<cpu_base::acc_t<T>>(acc));
+                   });
+  gb.copy_(acc);
+}
+
+// The shared body of linear_backward and linear_backward_accumulate_.
+// g2d [R, n], x2d [R, m] contiguous; w [n, m] contiguous. gi [R, m], gw [n, m] (dtype O),
+// gb [n]: each may be undefined (not wanted). accumulate: gw += Gᵀ·X instead of gw = Gᵀ·X.
+template <typename T, typename O>
+void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tensor& w,
+                   const at::Tensor& gi, const at::Tensor& gw, const at::Tensor& gb,
+                   bool accumulate) {
+  using A_t = cpu_base::acc_t<T>;
+  const int64_t R = g2d.size(0), n = w.size(0), m = w.size(1);
+  if (gb.defined()) bias_grad<T>(g2d, gb);
+  if (!gi.defined() && !gw.defined()) return;
+  if (R == 0 || n == 0 || m == 0) {
+    if (gw.defined() && !accumulate) gw.zero_();
+    if (gi.defined()) gi.zero_();
+    return;
+  }
+  if (R <= kFewRows) {
+    // One pass over W: each chunk of W rows writes its rows of grad_W and adds its share of
+    // G·W into a private float partial; partials are summed in chunk order (deterministic for
+    // a given thread count).
+    auto acc_opts = g2d.options().dtype(acc_dtype(g2d.scalar_type()));
+    auto g = g2d.to(acc_opts).contiguous();
+    auto x = x2d.to(acc_opts).contiguous();
+    const int64_t groups = (n + 3) / 4;
+    const int64_t nchunks = std::max<int64_t>(
+        1, std::min<int64_t>({at::get_num_threads(), groups, (R * n * m) / kMinWorkPerThread}));
+    at::Tensor partial;
+    if (gi.defined()) partial = at::zeros({nchunks, R, m}, acc_opts);
+    auto fn = TORCHMATGRAD_PICK(backward_rows<T, O>);
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = std::min(n, (groups * c / nchunks) * 4);
+        const int64_t j1 = std::min(n, (groups * (c + 1) / nchunks) * 4);
+        A_t* part = gi.defined() ? ptr<A_t>(partial) + c * R * m : nullptr;
+        fn(ptr<A_t>(g), n, ptr<A_t>(x), ptr<T>(w), m, R, m, ptr<O>(gw), m, accumulate, part, j0,
+           j1);
+      }
+    });
+    if (gi.defined()) {
+      auto red = TORCHMATGRAD_PICK(reduce_partials<T>);
+      at::parallel_for(0, R * m, kMinWorkPerThread, [&](int64_t i0, int64_t i1) {
+        red(ptr<A_t>(partial), nchunks, R * m, i0, i1, ptr<T>(gi));
+      });
+    }
+    return;
+  }
+  // Many rows: both products are GEMM-shaped; make the reduced dimension contiguous.
+  if (gw.defined()) {
+    auto gt = g2d.t().contiguous();  // [n, R]
+    auto xt = x2d.t().contiguous();  // [m, R]
+    gemm_nt<T, O>(ptr<T>(gt), R, ptr<T>(xt), R, ptr<O>(gw), m, nullptr, n, m, R, accumulate);
+  }
+  if (gi.defined()) {
+    auto wt = w.t().contiguous();  // [m, n]
+    gemm_nt<T, T>(ptr<T>(g2d), n, ptr<T>(wt), n, ptr<T>(gi), m, nullptr, R, m, n, false);
+  }
+}
+
+}  // namespace
+
+at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  check_linear_args(input, weight, bias);
+  const int64_t n = weight.size(0), m = weight.size(1);
+  auto x = input.reshape({-1, m}).contiguous();
+  auto w = weight.contiguous();
+  at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  const int64_t R = x.size(0);
+  auto y = at::empty({R, n}, input.options());
+  if (y.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "torchmatgrad_linear_cpu", [&] {
+                                      using T = typename Storage<scalar_t>::type;
+                                      gemm_nt<T, T>(ptr<T>(x), m, ptr<T>(w), m, ptr<T>(y), n,
+                                                    ptr<T>(b), R, n, m, false);
+                                    });
+  }
+  return y.view(output_shape(input, n));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    std::array<bool, 3> output_mask) {
+  check_backward_args(grad_output, input, weight);
+  const int64_t n = weight.size(0), m = weight.size(1);
+  auto x = input.reshape({-1, m}).contiguous();
+  auto g = grad_output.reshape({-1, n}).contiguous();
+  auto w = weight.contiguous();
+  at::Tensor gi, gw, gb;
+  if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
+  if (output_mask[1]) gw = at::empty({n, m}, weight.options());
+  if (output_mask[2]) gb = at::empty({n}, weight.options());
+  at::Tensor gi2d = gi.defined() ? gi.view({-1, m}) : gi;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "torchmatgrad_linear_backward_cpu", [&] {
+                                    using T = typename Storage<scalar_t>::type;
+                                    backward_into<T, T>(g, x, w, gi2d, gw, gb, false);
+                                  });
+  return {gi, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::Tensor& grad_weight, std::array<bool, 2> output_mask) {
+  check_backward_args(grad_output, input, weight);
+  check_grad_weight_buffer(grad_weight, weight);
+  const int64_t n = weight.size(0), m = weight.size(1);
+  auto x = input.reshape({-1, m}).contiguous();
+  auto g = grad_output.reshape({-1, n}).contiguous();
+  auto w = weight.contiguous();
+  at::Tensor gi, gb;
+  if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
+  if (output_mask[1]) gb = at::empty({n}, weight.options());
+  at::Tensor gi2d = gi.defined() ? gi.view({-1, m}) : gi;
+  const bool fp32_master = grad_weight.scalar_type() != weight.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "torchmatgrad_linear_backward_acc_cpu", [&] {
+        using T = typename Storage<scalar_t>::type;
+        if constexpr (std::is_same_v<T, bf16_t> || std::is_same_v<T, f16_t>) {
+          if (fp32_master) {
+            backward_into<T, float>(g, x, w, gi2d, grad_weight, gb, true);
+            return;
+          }
+        }
+        backward_into<T, T>(g, x, w, gi2d, grad_weight, gb, true);
+      });
+  return {gi, gb};
+}
+
+TORCH_LIBRARY_IMPL(torchmatgrad, CPU, m) {
+  m.impl("linear", &linear_forward_cpu);
+  m.impl("linear_backward", &linear_backward_cpu);
+  m.impl("linear_backward_accumulate_", &linear_backward_accumulate_cpu);
+}
+
+}  // namespace torchmatgrad

@@ -1,0 +1,360 @@
+// ISA-generic CPU micro-kernels for y = x·Wᵀ + b and its backward.
+//
+// This file is deliberately included more than once by linear_kernel.cpp, each time inside its
+// own namespace and under a different `#pragma GCC target` (AVX2+FMA+F16C, and the baseline), so
+// that one source gives one instantiation per instruction set and the launcher picks at run time.
+// Hence: no include guard, no #include here (everything is included by the including file), and
+// nothing torch-specific: kernels see raw pointers, sizes and row strides only.
+//
+// Storage types: float, double, and the 16-bit tags bf16_t / f16_t (same bits as
+// c10::BFloat16 / c10::Half). 16-bit values are widened to float on load and every sum is
+// accumulated in float (double for double).
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+typedef float f32v __attribute__((vector_size(32)));
+typedef double f64v __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+template <typename A>
+struct VecOf {
+  using type = f32v;
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct VecOf<double> {
+  using type = f64v;
+  static constexpr int64_t lanes = 4;
+};
+
+// ---- scalar conversions -------------------------------------------------------------------
+inline float to_acc(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_acc(f16_t v) {
+  _Float16 h;
+  std::memcpy(&h, &v.x, 2);
+  return static_cast<float>(h);
+}
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+
+template <typename O>
+inline O from_acc(acc_t<O> v);
+template <>
+inline float from_acc<float>(float v) {
+  return v;
+}
+template <>
+inline double from_acc<double>(double v) {
+  return v;
+}
+template <>
+inline bf16_t from_acc<bf16_t>(float v) {
+  // Round to nearest even, as c10::BFloat16 does; NaN stays a quiet NaN.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  bf16_t r;
+  r.x = (v != v) ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return r;
+}
+template <>
+inline f16_t from_acc<f16_t>(float v) {
+  _Float16 h = static_cast<_Float16>(v);
+  f16_t r;
+  std::memcpy(&r.x, &h, 2);
+  return r;
+}
+
+// ---- vector loads (widening) and stores (narrowing) ----------------------------------------
+template <typename T>
+inline typename VecOf<acc_t<T>>::type vload(const T* p) {
+  typename VecOf<acc_t<T>>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <>
+inline f32v vload<bf16_t>(const bf16_t* p) {
+  u16x8 h;
+  std::memcpy(&h, p, 16);
+  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  f32v r;
+  std::memcpy(&r, &w, 32);
+  return r;
+}
+template <>
+inline f32v vload<f16_t>(const f16_t* p) {
+#ifdef TORCHMATGRAD_F16C
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  f32v r;
+  for (int i = 0; i < 8; ++i) r[i] = to_acc(p[i]);
+  return r;
+#endif
+}
+
+template <typename O>
+inline void vstore(O* p, typename VecOf<acc_t<O>>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <>
+inline void vstore<bf16_t>(bf16_t* p, f32v v) {
+  u32x8 u;
+  std::memcpy(&u, &v, 32);
+  u32x8 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32x8 qnan = {0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0};
+  r = (v != v) ? qnan : r;
+  u16x8 h = __builtin_convertvector(r, u16x8);
+  std::memcpy(p, &h, 16);
+}
+template <>
+inline void vstore<f16_t>(f16_t* p, f32v v) {
+#ifdef TORCHMATGRAD_F16C
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < 8; ++i) p[i] = from_acc<f16_t>(v[i]);
+#endif
+}
+
+template <typename V>
+inline auto hsum(V v) {
+  auto s = v[0];
+  for (int i = 1; i < int(sizeof(V) / sizeof(s)); ++i) s += v[i];
+  return s;
+}
+
+// ---- forward / GEMM ("NT": both operands row-major along the reduced dimension) ------------
+
+// out[p][q] += Σ_{k0 ≤ k < k1} A[p, k]·B[q, k] for an MP×MQ register tile: MQ rows of B are
+// loaded once per step and reused across MP rows of A (MP·MQ independent FMA chains hide the
+// FMA latency; 4×2 accumulators + 6 operands fit the 16 AVX2 registers).
+template <int MP, int MQ, typename T>
+inline void micro_nt(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t k0, int64_t k1,
+                     acc_t<T> (*out)[2]) {
+  using A_t = acc_t<T>;
+  using V = typename VecOf<A_t>::type;
+  constexpr int64_t N = VecOf<A_t>::lanes;
+  V acc[MP][MQ];
+  for (int p = 0; p < MP; ++p)
+    for (int q = 0; q < MQ; ++q) acc[p][q] = V{};
+  int64_t k = k0;
+  for (; k + N <= k1; k += N) {
+    V b[MQ];
+    for (int q = 0; q < MQ; ++q) b[q] = vload(B + q * ldb + k);
+    for (int p = 0; p < MP; ++p) {
+      V a = vload(A + p * lda + k);
+      for (int q = 0; q < MQ; ++q) acc[p][q] += a * b[q];
+    }
+  }
+  for (int p = 0; p < MP; ++p)
+    for (int q = 0; q < MQ; ++q) {
+      A_t s = hsum(acc[p][q]);
+      for (int64_t kk = k; kk < k1; ++kk) s += to_acc(A[p * lda + kk]) * to_acc(B[q * ldb + kk]);
+      out[p][q] += s;
+    }
+}
+
+template <int MQ, typename T>
+inline void micro_nt_rows(int mp, const T* A, int64_t lda, const T* B, int64_t ldb, int64_t k0,
+                          int64_t k1, acc_t<T> (*out)[2]) {
+  switch (mp) {
+    case 4: micro_nt<4, MQ>(A, lda, B, ldb, k0, k1, out); break;
+    case 3: micro_nt<3, MQ>(A, lda, B, ldb, k0, k1, out); break;
+    case 2: micro_nt<2, MQ>(A, lda, B, ldb, k0, k1, out); break;
+    default: micro_nt<1, MQ>(A, lda, B, ldb, k0, k1, out); break;
+  }
+}
+
+constexpr int64_t kTileP = 64;  // output tile: at most kTileP × kTileQ sums live in `buf`
+constexpr int64_t kTileQ = 64;
+constexpr int64_t kKC = 1024;  // k-block: 4 A rows + 2 B rows of kKC floats (24 KB) stay in L1
+
+// C[p, q] = Σ_k A[p, k]·B[q, k] (+ bias[q]) (+ C[p, q] when accumulate), for one output tile
+// p ∈ [p0, p1), q ∈ [q0, q1) with (p1 - p0) ≤ kTileP and (q1 - q0) ≤ kTileQ.
+// Forward: A = x [B, m], B = W [n, m], C = y [B, n]. With few rows of x (the memory-bound
+// case), the loop over W row pairs is outermost so every W element is loaded from memory once
+// and reused for all rows of x from L1; with many rows, 4 rows of x stay in L1 instead and
+// W rows stream from L2.
+template <typename T, typename O>
+void gemm_nt_tile(const T* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
+                  const T* bias, int64_t K, int64_t p0, int64_t p1, int64_t q0, int64_t q1,
+                  bool accumulate) {
+  using A_t = acc_t<T>;
+  A_t buf[kTileP][kTileQ];
+  const int64_t np = p1 - p0, nq = q1 - q0;
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t q = 0; q < nq; ++q) buf[p][q] = A_t(0);
+  auto run = [&](int64_t p, int64_t q, int64_t k0, int64_t k1) {
+    A_t out[4][2] = {};
+    const int mp = int(std::min<int64_t>(4, np - p));
+    const T* a = A + (p0 + p) * lda;
+    const T* b = B + (q0 + q) * ldb;
+    if (nq - q >= 2)
+      micro_nt_rows<2>(mp, a, lda, b, ldb, k0, k1, out);
+    else
+      micro_nt_rows<1>(mp, a, lda, b, ldb, k0, k1, out);
+    const int mq = int(std::min<int64_t>(2, nq - q));
+    for (int i = 0; i < mp; ++i)
+      for (int j = 0; j < mq; ++j) buf[p + i][q + j] += out[i][j];
+  };
+  const bool few_rows = np <= 16;
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t k1 = std::min(K, k0 + kKC);
+    if (few_rows) {
+      for (int64_t q = 0; q < nq; q += 2)
+        for (int64_t p = 0; p < np; p += 4) run(p, q, k0, k1);
+    } else {
+      for (int64_t p = 0; p < np; p += 4)
+        for (int64_t q = 0; q < nq; q += 2) run(p, q, k0, k1);
+    }
+  }
+  for (int64_t p = 0; p < np; ++p) {
+    O* c = C + (p0 + p) * ldc + q0;
+    for (int64_t q = 0; q < nq; ++q) {
+      A_t v = buf[p][q];
+      if (bias) v += to_acc(bias[q0 + q]);
+      if (accumulate) v += to_acc(c[q]);
+      c[q] = from_acc<O>(v);
+    }
+  }
+}
+
+// ---- fused backward for few rows ----------------------------------------------------------
+
+// For W rows j ∈ [j0, j1), in one pass over those rows of W:
+//   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]          (written once, when GW)
+//   gi[r, :]      +=    Σ_j G[r, j]·W[j, :]          (a per-chunk float partial, when GI)
+// G [R, n] and X [R, m] are contiguous in the accumulation type; R ≤ 16. Four W rows are
+// processed together so each loaded vector of X or gi feeds four FMAs.
+template <int JR, bool GW, bool GI, typename T, typename O>
+inline void backward_rows_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W,
+                                int64_t ldw, int64_t R, int64_t m, O* gw, int64_t ldgw,
+                                bool accumulate, acc_t<T>* gi, int64_t j) {
+  using A_t = acc_t<T>;
+  using V = typename VecOf<A_t>::type;
+  constexpr int64_t N = VecOf<A_t>::lanes;
+  A_t g[16][JR];
+  for (int64_t r = 0; r < R; ++r)
+    for (int a = 0; a < JR; ++a) g[r][a] = G[r * n + j + a];
+  int64_t k = 0;
+  for (; k + N <= m; k += N) {
+    V w[JR];
+    if (GI)
+      for (int a = 0; a < JR; ++a) w[a] = vload(W + (j + a) * ldw + k);
+    V acc[JR];
+    for (int a = 0; a < JR; ++a) acc[a] = V{};
+    for (int64_t r = 0; r < R; ++r) {
+      if (GW) {
+        V x = vload(X + r * m + k);
+        for (int a = 0; a < JR; ++a) acc[a] += g[r][a] * x;
+      }
+      if (GI) {
+        V t = vload(gi + r * m + k);
+        for (int a = 0; a < JR; ++a) t += g[r][a] * w[a];
+        vstore(gi + r * m + k, t);
+      }
+    }
+    if (GW)
+      for (int a = 0; a < JR; ++a) {
+        O* dst = gw + (j + a) * ldgw + k;
+        if (accumulate) acc[a] += vload(dst);
+        vstore(dst, acc[a]);
+      }
+  }
+  for (; k < m; ++k) {
+    A_t acc[JR] = {};
+    for (int64_t r = 0; r < R; ++r) {
+      for (int a = 0; a < JR; ++a) {
+        if (GW) acc[a] += g[r][a] * X[r * m + k];
+        if (GI) gi[r * m + k] += g[r][a] * to_acc(W[(j + a) * ldw + k]);
+      }
+    }
+    if (GW)
+      for (int a = 0; a < JR; ++a) {
+        O* dst = gw + (j + a) * ldgw + k;
+        dst[0] = from_acc<O>(accumulate ? acc[a] + to_acc(dst[0]) : acc[a]);
+      }
+  }
+}
+
+template <bool GW, bool GI, typename T, typename O>
+void backward_rows_impl(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
+                        int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate,
+                        acc_t<T>* gi, int64_t j0, int64_t j1) {
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4)
+    backward_rows_group<4, GW, GI>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j);
+  for (; j < j1; ++j)
+    backward_rows_group<1, GW, GI>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j);
+}
+
+template <typename T, typename O>
+void backward_rows(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
+                   int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate, acc_t<T>* gi,
+                   int64_t j0, int64_t j1) {
+  if (gw && gi)
+    backward_rows_impl<true, true>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j0, j1);
+  else if (gw)
+    backward_rows_impl<true, false>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j0, j1);
+  else if (gi)
+    backward_rows_impl<false, true>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j0, j1);
+}
+
+// out[q] = Σ_{r} G[r, q] for q ∈ [q0, q1): the bias gradient, summed in row order.
+template <typename T>
+void column_sum(const T* G, int64_t ldg, int64_t R, int64_t q0, int64_t q1, acc_t<T>* out) {
+  for (int64_t q = q0; q < q1; ++q) out[q] = acc_t<T>(0);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* g = G + r * ldg;
+    for (int64_t q = q0; q < q1; ++q) out[q] += to_acc(g[q]);
+  }
+}
+
+// Sum of `parts` float partial buffers of `len` elements each, in a fixed order (deterministic),
+// narrowed to O.
+template <typename O>
+void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t i0, int64_t i1,
+                     O* out) {
+  for (int64_t i = i0; i < i1; ++i) {
+    acc_t<O> s = parts[i];
+    for (int64_t c = 1; c < nparts; ++c) s += parts[c * len + i];
+    out[i] = from_acc<O>(s);
+  }
+}
+
+// Explicit instantiations: the launcher takes their addresses per instruction set.
+#define TORCHMATGRAD_INSTANTIATE(T, O)                                                       \
+  template void gemm_nt_tile<T, O>(const T*, int64_t, const T*, int64_t, O*, int64_t,        \
+                                   const T*, int64_t, int64_t, int64_t, int64_t, int64_t,    \
+                                   bool);                                                    \
+  template void backward_rows<T, O>(const acc_t<T>*, int64_t, const acc_t<T>*, const T*,     \
+                                    int64_t, int64_t, int64_t, O*, int64_t, bool, acc_t<T>*, \
+                                    int64_t, int64_t);
+TORCHMATGRAD_INSTANTIATE(float, float)
+TORCHMATGRAD_INSTANTIATE(double, double)
+TORCHMATGRAD_INSTANTIATE(bf16_t, bf16_t)
+TORCHMATGRAD_INSTANTIATE(f16_t, f16_t)
+TORCHMATGRAD_INSTANTIATE(bf16_t, float)
+TORCHMATGRAD_INSTANTIATE(f16_t, float)
+#undef TORCHMATGRAD_INSTANTIATE
+template void column_sum<float>(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+template void column_sum<double>(const double*, int64_t, int64_t, int64_t, int64_t, double*);
+template void column_sum<bf16_t>(const bf16_t*, int64_t, int64_t, int64_t, int64_t, float*);
+template void column_sum<f16_t>(const f16_t*, int64_t, int64_t, int64_t, int64_t, float*);
+template void reduce_partials<float>(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+template void reduce_partials<double>(const double*, int64_t, int64_t, int64_t, int64_t, double*);
+template void reduce_partials<bf16_t>(const float*, int64_t, int64_t, int64_t, int64_t, bf16_t*);
+template void reduce_partials<f16_t>(const float*, int64_t, int64_t, int64_t, int64_t, f16_t*);

@@ -1,0 +1,43 @@
+// Every torchmatgrad op schema, in one place, and the tiny Python module that loads them.
+//
+// linear(input, weight, bias=None) -> y
+//     F.linear semantics: input [..., m], weight [n, m], bias [n] -> y [..., n] = input·weightᵀ + bias.
+// linear_backward(grad_output, input, weight, output_mask) -> (grad_input, grad_weight, grad_bias)
+//     grad_output [..., n]. With the batch flattened to R rows G [R, n], X [R, m]:
+//     grad_input = G·W [..., m], grad_weight = Gᵀ·X [n, m], grad_bias = Σ_r G[r] [n].
+//     output_mask[i] false: that result is not computed and is returned undefined (None).
+//     For R ≤ 16 grad_input and grad_weight come from one pass over W.
+// linear_backward_accumulate_(grad_output, input, weight, grad_weight!, output_mask)
+//     -> (grad_input, grad_bias)
+//     Like linear_backward, but grad_weight += Gᵀ·X in place (no temporary); grad_weight may be
+//     float32 for a 16-bit weight (fp32 master gradient). output_mask covers (input, bias).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import torchmatgrad._C` runs the static registrations below; the module itself holds only
+// build facts.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef TORCHMATGRAD_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+  PyModule_AddStringConstant(module, "cuda_arch_list", TORCHMATGRAD_CUDA_ARCHS);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+  PyModule_AddStringConstant(module, "cuda_arch_list", "");
+#endif
+  return module;
+}
+}
+
+TORCH_LIBRARY(torchmatgrad, m) {
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def(
+      "linear_backward(Tensor grad_output, Tensor input, Tensor weight, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_backward_accumulate_(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor(a!) grad_weight, bool[2] output_mask) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,98 @@
+// Shared declarations and argument checks for the torchmatgrad ops (CPU and CUDA).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace torchmatgrad {
+
+// Rows of x up to which the weight is read once per call (memory-bound regime): the forward
+// keeps every row of x in cache while streaming W, the backward fuses grad_input and grad_weight
+// into one pass over W.
+constexpr int64_t kFewRows = 16;
+
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_supported_dtype(t.scalar_type()), name,
+              " must be a floating point tensor (float32, float64, bfloat16 or float16), got ",
+              t.scalar_type());
+}
+
+// y = input·weightᵀ + bias. weight [n, m], input [..., m], bias [n] or None.
+inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ",
+              weight.sizes());
+  TORCH_CHECK(input.dim() >= 1, "input must have at least 1 dimension (..., in_features), got ",
+              "a 0-D tensor");
+  TORCH_CHECK(input.size(-1) == weight.size(1), "input.size(-1) must equal weight.size(1) ",
+              "(in_features), got input of shape ", input.sizes(), " and weight of shape ",
+              weight.sizes());
+  check_float_tensor(weight, "weight");
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(),
+              "input and weight must have the same dtype, got input ", input.scalar_type(),
+              " and weight ", weight.scalar_type());
+  TORCH_CHECK(input.device() == weight.device(),
+              "input and weight must be on the same device, got input on ", input.device(),
+              " and weight on ", weight.device());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "bias must be 1-D of length weight.size(0) (out_features) = ", weight.size(0),
+                ", got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(),
+                "bias must have the same dtype as weight, got bias ", bias->scalar_type(),
+                " and weight ", weight.scalar_type());
+    TORCH_CHECK(bias->device() == weight.device(),
+                "bias must be on the same device as weight, got bias on ", bias->device(),
+                " and weight on ", weight.device());
+  }
+}
+
+// grad_output [..., n] matches y = linear(input, weight).
+inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const at::Tensor& weight) {
+  check_linear_args(input, weight, std::nullopt);
+  auto expected = input.sizes().vec();
+  expected.back() = weight.size(0);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expected), "grad_output must have shape ",
+              at::IntArrayRef(expected), " (input's batch shape, out_features), got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == weight.scalar_type(),
+              "grad_output must have the same dtype as weight, got grad_output ",
+              grad_output.scalar_type(), " and weight ", weight.scalar_type());
+  TORCH_CHECK(grad_output.device() == weight.device(),
+              "grad_output must be on the same device as weight, got grad_output on ",
+              grad_output.device(), " and weight on ", weight.device());
+}
+
+// The buffer that linear_backward_accumulate_ adds grad_weight into: weight's shape, contiguous,
+// weight's dtype or float32 (an fp32 master gradient for a 16-bit weight).
+inline void check_grad_weight_buffer(const at::Tensor& grad_weight, const at::Tensor& weight) {
+  TORCH_CHECK(grad_weight.sizes() == weight.sizes(), "grad_weight must have weight's shape ",
+              weight.sizes(), ", got ", grad_weight.sizes());
+  TORCH_CHECK(grad_weight.scalar_type() == weight.scalar_type() ||
+                  grad_weight.scalar_type() == at::kFloat,
+              "grad_weight must have weight's dtype (", weight.scalar_type(),
+              ") or float32, got ", grad_weight.scalar_type());
+  TORCH_CHECK(grad_weight.device() == weight.device(),
+              "grad_weight must be on the same device as weight, got grad_weight on ",
+              grad_weight.device(), " and weight on ", weight.device());
+  TORCH_CHECK(grad_weight.is_contiguous(), "grad_weight must be contiguous, got strides ",
+              grad_weight.strides());
+}
+
+// Shape of y for an input of shape [..., m]: [..., n].
+inline std::vector<int64_t> output_shape(const at::Tensor& input, int64_t n) {
+  auto shape = input.sizes().vec();
+  shape.back() = n;
+  return shape;
+}
+
+}  // namespace torchmatgrad
