@@ -88,6 +88,13 @@ inline void check_grad_weight_buffer(const at::Tensor& grad_weight, const at::Te
               grad_weight.strides());
 }
 
+// Rows of the flattened batch: input [..., m] is viewed as [R, m] (also when m == 0).
+inline int64_t batch_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 // Shape of y for an input of shape [..., m]: [..., n].
 inline std::vector<int64_t> output_shape(const at::Tensor& input, int64_t n) {
   auto shape = input.sizes().vec();

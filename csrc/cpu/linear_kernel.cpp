@@ -184,7 +184,7 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) {
   check_linear_args(input, weight, bias);
   const int64_t n = weight.size(0), m = weight.size(1);
-  auto x = input.reshape({-1, m}).contiguous();
+  auto x = input.reshape({batch_rows(input), m}).contiguous();
   auto w = weight.contiguous();
   at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   const int64_t R = x.size(0);
@@ -205,14 +205,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     std::array<bool, 3> output_mask) {
   check_backward_args(grad_output, input, weight);
   const int64_t n = weight.size(0), m = weight.size(1);
-  auto x = input.reshape({-1, m}).contiguous();
-  auto g = grad_output.reshape({-1, n}).contiguous();
+  auto x = input.reshape({batch_rows(input), m}).contiguous();
+  auto g = grad_output.reshape({batch_rows(grad_output), n}).contiguous();
   auto w = weight.contiguous();
   at::Tensor gi, gw, gb;
   if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
   if (output_mask[1]) gw = at::empty({n, m}, weight.options());
   if (output_mask[2]) gb = at::empty({n}, weight.options());
-  at::Tensor gi2d = gi.defined() ? gi.view({-1, m}) : gi;
+  at::Tensor gi2d = gi.defined() ? gi.view({batch_rows(gi), m}) : gi;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "torchmatgrad_linear_backward_cpu", [&] {
                                     using T = typename Storage<scalar_t>::type;
@@ -227,13 +227,13 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(
   check_backward_args(grad_output, input, weight);
   check_grad_weight_buffer(grad_weight, weight);
   const int64_t n = weight.size(0), m = weight.size(1);
-  auto x = input.reshape({-1, m}).contiguous();
-  auto g = grad_output.reshape({-1, n}).contiguous();
+  auto x = input.reshape({batch_rows(input), m}).contiguous();
+  auto g = grad_output.reshape({batch_rows(grad_output), n}).contiguous();
   auto w = weight.contiguous();
   at::Tensor gi, gb;
   if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
   if (output_mask[1]) gb = at::empty({n}, weight.options());
-  at::Tensor gi2d = gi.defined() ? gi.view({-1, m}) : gi;
+  at::Tensor gi2d = gi.defined() ? gi.view({batch_rows(gi), m}) : gi;
   const bool fp32_master = grad_weight.scalar_type() != weight.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "torchmatgrad_linear_backward_acc_cpu", [&] {

@@ -1,0 +1,218 @@
+"""The ops and `torchmatgrad.linear` against torch, autograd and float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_reference, poison_allocator, rand
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torchmatgrad
+from torchmatgrad.check import OP_CHECKS
+
+ops = torch.ops.torchmatgrad
+
+SIZES = [(0, 3), (3, 0), (1, 1), (3, 17), (17, 3), (64, 64), (1000, 17), (3, 1000)]
+BATCHES = [(), (0,), (1,), (7,), (2, 3, 5)]
+
+
+def reference(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("n,m", SIZES)
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward(device, dtype, n, m, batch, bias):
+    x = rand(*batch, m, device=device, dtype=dtype)
+    w = rand(n, m, device=device, dtype=dtype)
+    b = rand(n, device=device, dtype=dtype) if bias else None
+    poison_allocator((*batch, n), dtype, device)
+    y = torchmatgrad.linear(x, w, b)
+    assert_matches_reference(y, F.linear(x, w, b), reference(x, w, b), what="forward")
+
+
+@pytest.mark.parametrize("n,m", SIZES)
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+def test_backward_op(device, dtype, n, m, batch):
+    x = rand(*batch, m, device=device, dtype=dtype)
+    w = rand(n, m, device=device, dtype=dtype)
+    g = rand(*batch, n, device=device, dtype=dtype)
+    poison_allocator((n, m), dtype, device)
+    gi, gw, gb = ops.linear_backward(g, x, w, [True, True, True])
+    rows = math.prod(batch)
+    G, X, W = g.reshape(rows, n), x.reshape(rows, m), w
+    G64, X64 = G.double(), X.double()
+    assert_matches_reference(gi, (G @ W).reshape(x.shape), (G64 @ W.double()).reshape(x.shape))
+    assert_matches_reference(gw, G.t() @ X, G64.t() @ X64, what="grad_weight")
+    assert_matches_reference(gb, G.sum(0), G64.sum(0), what="grad_bias")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize(
+    "mask", [[True, False, False], [False, True, False], [False, False, True], [True, True, False]]
+)
+def test_backward_mask(device, rows, mask):
+    x, w = rand(rows, 9, device=device), rand(6, 9, device=device)
+    g = rand(rows, 6, device=device)
+    full = ops.linear_backward(g, x, w, [True, True, True])
+    part = ops.linear_backward(g, x, w, mask)
+    for wanted, got, ref in zip(mask, part, full, strict=True):
+        if wanted:
+            torch.testing.assert_close(got, ref)
+        else:
+            assert got is None
+
+
+def test_jacobians_match_autograd(device, dtype):
+    """d(Wx+b)/dW in autograd's exact (n, n, m) layout, and d/dx, d/db."""
+    n, m = 4, 3
+    x, w, b = (rand(*s, device=device, dtype=dtype) for s in [(m,), (n, m), (n,)])
+    ours = torch.autograd.functional.jacobian(torchmatgrad.linear, (x, w, b))
+    theirs = torch.autograd.functional.jacobian(F.linear, (x, w, b))
+    ref = torch.autograd.functional.jacobian(F.linear, (x.double(), w.double(), b.double()))
+    assert ours[1].shape == (n, n, m)
+    for a, t, r in zip(ours, theirs, ref, strict=True):
+        assert_matches_reference(a, t, r, what="jacobian")
+    delta = torch.einsum("ik,l->ikl", torch.eye(n, dtype=torch.float64), x.double().cpu())
+    torch.testing.assert_close(ref[1].cpu(), delta)
+
+
+@pytest.mark.parametrize("check", OP_CHECKS, ids=lambda c: c.name)
+def test_check_command_cells(device, dtype, check):
+    """The cells `python -m torchmatgrad check` prints."""
+    if check.applies(device, dtype) is None:
+        check.run(device, dtype)
+
+
+def test_check_command_exits_zero(capsys):
+    from torchmatgrad.check import main
+
+    assert main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "gradcheck" in out and "all checks passed" in out
+
+
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck(device, batch, bias):
+    x = rand(*batch, 5, device=device, dtype=torch.float64, requires_grad=True)
+    w = rand(3, 5, device=device, dtype=torch.float64, requires_grad=True)
+    b = rand(3, device=device, dtype=torch.float64, requires_grad=True) if bias else None
+    assert torch.autograd.gradcheck(torchmatgrad.linear, (x, w, b))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(device, dtype, requires_grad):
+    x = rand(3, 5, device=device, dtype=dtype, requires_grad=requires_grad)
+    w = rand(4, 5, device=device, dtype=dtype, requires_grad=requires_grad)
+    b = rand(4, device=device, dtype=dtype, requires_grad=requires_grad)
+    g = rand(3, 4, device=device, dtype=dtype, requires_grad=requires_grad)
+    torch.library.opcheck(ops.linear.default, (x, w, b))
+    torch.library.opcheck(ops.linear.default, (x, w, None))
+    torch.library.opcheck(ops.linear_backward.default, (g, x, w, [True, True, True]))
+    torch.library.opcheck(ops.linear_backward.default, (g, x, w, [True, False, True]))
+    if not requires_grad:  # a mutating op has no autograd formula
+        buf = rand(4, 5, device=device, dtype=dtype)
+        torch.library.opcheck(
+            ops.linear_backward_accumulate_.default, (g, x, w, buf, [True, True])
+        )
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchmatgrad.nn.Linear(7, 16, device=device),
+        torch.nn.GELU(),
+        torchmatgrad.nn.Linear(16, 3, device=device),
+    )
+    x = rand(5, 7, device=device)
+    eager = model(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True)(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize(
+    "layout", ["transposed_weight", "sliced_weight", "transposed_input", "strided_input"]
+)
+def test_non_contiguous(device, layout):
+    n, m = 6, 9
+    x, w, b = rand(4, m, device=device), rand(n, m, device=device), rand(n, device=device)
+    if layout == "transposed_weight":
+        w = rand(m, n, device=device).t()
+    elif layout == "sliced_weight":
+        w = rand(n, 2 * m, device=device)[:, ::2]
+    elif layout == "transposed_input":
+        x = rand(m, 4, device=device).t()
+    else:
+        x = rand(4, 3 * m, device=device)[:, 1::3]
+    assert not (x.is_contiguous() and w.is_contiguous())
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    xo, wo, bo = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = torchmatgrad.linear(xo, wo, bo)
+    ref = F.linear(xr, wr, br)
+    torch.testing.assert_close(y, ref)
+    g = rand(4, n, device=device)
+    y.backward(g)
+    ref.backward(g)
+    for a, r in [(xo, xr), (wo, wr), (bo, br)]:
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_non_contiguous_grad_output(device):
+    x, w = rand(5, 4, device=device, requires_grad=True), rand(3, 4, device=device)
+    g = rand(3, 5, device=device).t()
+    gi = ops.linear_backward(g, x, w, [True, False, False])[0]
+    torch.testing.assert_close(gi, g @ w)
+
+
+def test_dependent_input(device):
+    """x = F(W)·x0 depends on W: the total gradient has both paths."""
+    w = rand(4, 4, device=device, dtype=torch.float64, requires_grad=True)
+    x0 = rand(4, device=device, dtype=torch.float64)
+
+    def f(lin, w):
+        x = w.t() @ x0  # x depends on W
+        return lin(x, w).square().sum()
+
+    (ours,) = torch.autograd.grad(f(torchmatgrad.linear, w), w)
+    (ref,) = torch.autograd.grad(f(F.linear, w), w)
+    torch.testing.assert_close(ours, ref)
+    assert torch.autograd.gradcheck(lambda w: f(torchmatgrad.linear, w), (w,))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    m=st.integers(0, 40),
+    batch=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+)
+def test_property_random_shapes(n, m, batch, bias, dtype):
+    x = rand(*batch, m, dtype=dtype, requires_grad=True)
+    w = rand(n, m, dtype=dtype, requires_grad=True)
+    b = rand(n, dtype=dtype, requires_grad=True) if bias else None
+    y = torchmatgrad.linear(x, w, b)
+    ref = reference(x, w, b)
+    assert_matches_reference(y, F.linear(x, w, b), ref, what="forward")
+    g = rand(*y.shape, dtype=dtype)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+    ref_grads = torch.autograd.grad(
+        F.linear(x, w, b), [t for t in (x, w, b) if t is not None], g
+    )
+    ins = [t.detach().double().requires_grad_() for t in (x, w, b) if t is not None]
+    ref64 = torch.autograd.grad(F.linear(*ins, *([None] if not bias else [])), ins, g.double())
+    for a, t, r in zip(grads, ref_grads, ref64, strict=True):
+        assert_matches_reference(a, t, r, what="grad")

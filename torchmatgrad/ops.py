@@ -1,0 +1,381 @@
+"""The Python face of torchmatgrad's ops: fake kernels, autograd, vmap rules, `linear`.
+
+The C++ ops (schemas in csrc/ops.cpp) are:
+
+* ``torchmatgrad::linear(input, weight, bias=None) -> y``: ``y = input·weightᵀ + bias``.
+* ``torchmatgrad::linear_backward(grad_output, input, weight, output_mask)
+  -> (grad_input, grad_weight, grad_bias)``: ``G·W``, ``Gᵀ·X``, ``ΣG``; a result whose mask entry
+  is False is not computed and comes back as None.
+* ``torchmatgrad::linear_backward_accumulate_(grad_output, input, weight, grad_weight,
+  output_mask) -> (grad_input, grad_bias)``: adds ``Gᵀ·X`` into ``grad_weight`` in place.
+
+Every derivative of the linear map is again a linear map or an outer product, so the autograd
+formulas below call the same ops: double backward, forward-mode AD and vmap never leave
+torchmatgrad's kernels (vmap over a batched weight loops over the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.torchmatgrad
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# ---- argument checks (the fake kernels repeat the C++ ones, same messages) -----------------
+
+
+def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    torch._check(
+        weight.dim() == 2,
+        lambda: f"weight must be 2-D (out_features, in_features), got shape {list(weight.shape)}",
+    )
+    torch._check(
+        input.dim() >= 1,
+        lambda: "input must have at least 1 dimension (..., in_features), got a 0-D tensor",
+    )
+    torch._check(
+        input.shape[-1] == weight.shape[1],
+        lambda: "input.size(-1) must equal weight.size(1) (in_features), got input of shape "
+        f"{list(input.shape)} and weight of shape {list(weight.shape)}",
+    )
+    torch._check(
+        weight.dtype in _FLOAT_DTYPES,
+        lambda: "weight must be a floating point tensor (float32, float64, bfloat16 or "
+        f"float16), got {weight.dtype}",
+    )
+    torch._check(
+        input.dtype == weight.dtype,
+        lambda: f"input and weight must have the same dtype, got input {input.dtype} and "
+        f"weight {weight.dtype}",
+    )
+    torch._check(
+        input.device == weight.device,
+        lambda: f"input and weight must be on the same device, got input on {input.device} "
+        f"and weight on {weight.device}",
+    )
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: "bias must be 1-D of length weight.size(0) (out_features) = "
+            f"{weight.shape[0]}, got shape {list(bias.shape)}",
+        )
+        torch._check(
+            bias.dtype == weight.dtype,
+            lambda: f"bias must have the same dtype as weight, got bias {bias.dtype} and "
+            f"weight {weight.dtype}",
+        )
+        torch._check(
+            bias.device == weight.device,
+            lambda: f"bias must be on the same device as weight, got bias on {bias.device} "
+            f"and weight on {weight.device}",
+        )
+
+
+def _check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> None:
+    _check_linear_args(input, weight, None)
+    expected = [*input.shape[:-1], weight.shape[0]]
+    torch._check(
+        list(grad_output.shape) == expected,
+        lambda: f"grad_output must have shape {expected} (input's batch shape, out_features), "
+        f"got {list(grad_output.shape)}",
+    )
+    torch._check(
+        grad_output.dtype == weight.dtype,
+        lambda: f"grad_output must have the same dtype as weight, got grad_output "
+        f"{grad_output.dtype} and weight {weight.dtype}",
+    )
+    torch._check(
+        grad_output.device == weight.device,
+        lambda: f"grad_output must be on the same device as weight, got grad_output on "
+        f"{grad_output.device} and weight on {weight.device}",
+    )
+
+
+# ---- fake (meta) kernels: shapes only, so torch.compile traces without running kernels -----
+
+
+@torch.library.register_fake("torchmatgrad::linear")
+def _linear_fake(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    _check_linear_args(input, weight, bias)
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("torchmatgrad::linear_backward")
+def _linear_backward_fake(
+    grad_output: Tensor, input: Tensor, weight: Tensor, output_mask: Sequence[bool]
+):
+    _check_backward_args(grad_output, input, weight)
+    gi = input.new_empty(input.shape) if output_mask[0] else None
+    gw = weight.new_empty(weight.shape) if output_mask[1] else None
+    gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else None
+    return gi, gw, gb
+
+
+@torch.library.register_fake("torchmatgrad::linear_backward_accumulate_")
+def _linear_backward_accumulate_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    grad_weight: Tensor,
+    output_mask: Sequence[bool],
+):
+    _check_backward_args(grad_output, input, weight)
+    torch._check(
+        list(grad_weight.shape) == list(weight.shape),
+        lambda: f"grad_weight must have weight's shape {list(weight.shape)}, got "
+        f"{list(grad_weight.shape)}",
+    )
+    gi = input.new_empty(input.shape) if output_mask[0] else None
+    gb = weight.new_empty((weight.shape[0],)) if output_mask[1] else None
+    return gi, gb
+
+
+# ---- autograd ------------------------------------------------------------------------------
+#
+# The formulas are written once and used twice: by the ops' own autograd (register_autograd,
+# what torch.compile traces) with the raw ops as building blocks, and by the eager
+# autograd.Functions below (which add forward-mode rules and work under torch.func) with the
+# Functions as building blocks, so every order of derivative stays differentiable.
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    input, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight)
+
+
+def _linear_grads(ctx, grad_output: Tensor, backward_fn):
+    input, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1], ctx.has_bias and needs[2]]
+    if not any(mask):
+        return None, None, None
+    return tuple(backward_fn(grad_output, input, weight, mask))
+
+
+def _linear_backward_setup_context(ctx, inputs, output) -> None:
+    grad_output, input, weight, _ = inputs
+    ctx.save_for_backward(grad_output, input, weight)
+
+
+def _linear_backward_grads(ctx, ggi, ggw, ggb, linear_fn, backward_fn):
+    """Backward of (G·W, Gᵀ·X, ΣG) with respect to (G, X, W), again with the linear ops:
+    dG = ggi·Wᵀ + X·ggwᵀ + ggb, dX = G·ggw, dW = Gᵀ·ggi."""
+    grad_output, input, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    d_go = d_in = d_w = None
+    if needs[0]:
+        if ggw is not None:
+            d_go = linear_fn(input, ggw, ggb)
+        elif ggb is not None:
+            d_go = ggb.expand(grad_output.shape)
+        if ggi is not None:
+            t = linear_fn(ggi, weight, None)
+            d_go = t if d_go is None else d_go + t
+    if needs[1] and ggw is not None:
+        d_in = backward_fn(grad_output, input, ggw, [True, False, False])[0]
+    if needs[2] and ggi is not None:
+        d_w = backward_fn(grad_output, ggi, weight, [False, True, False])[1]
+    return d_go, d_in, d_w, None
+
+
+torch.library.register_autograd(
+    "torchmatgrad::linear",
+    lambda ctx, g: _linear_grads(ctx, g, _ops.linear_backward),
+    setup_context=_linear_setup_context,
+)
+torch.library.register_autograd(
+    "torchmatgrad::linear_backward",
+    lambda ctx, ggi, ggw, ggb: _linear_backward_grads(
+        ctx, ggi, ggw, ggb, _ops.linear, _ops.linear_backward
+    ),
+    setup_context=_linear_backward_setup_context,
+)
+
+
+# ---- vmap rules ----------------------------------------------------------------------------
+
+
+def _moved(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    """t with its batch dimension first (broadcast to `size` when it has none)."""
+    if t is None:
+        return None
+    if dim is None:
+        return t.unsqueeze(0).expand(size, *t.shape)
+    return t.movedim(dim, 0)
+
+
+@torch.library.register_vmap("torchmatgrad::linear")
+def _linear_vmap(info, in_dims, input, weight, bias=None):
+    di, dw, db = (*in_dims, None)[:3]  # bias may be left out of the call
+    size = info.batch_size
+    if dw is None and db is None:
+        # Only the input is batched: the batch is just more rows.
+        return _ops.linear(input.movedim(di, 0), weight, bias), 0
+    if di is None:
+        # Only weight/bias are batched: stack the weights into one [size·n, m] weight.
+        w = _moved(weight, dw, size)
+        n = w.shape[1]
+        b = _moved(bias, db, size)
+        y = _ops.linear(input, w.reshape(size * n, -1), None if b is None else b.reshape(-1))
+        return y.unflatten(-1, (size, n)), input.dim() - 1
+    x, w, b = _moved(input, di, size), _moved(weight, dw, size), _moved(bias, db, size)
+    out = [_ops.linear(x[i], w[i], None if b is None else b[i]) for i in range(size)]
+    return torch.stack(out), 0
+
+
+@torch.library.register_vmap("torchmatgrad::linear_backward")
+def _linear_backward_vmap(info, in_dims, grad_output, input, weight, output_mask):
+    dg, dx, dw, _ = in_dims
+    size = info.batch_size
+    if dw is None and not output_mask[1] and not output_mask[2] and dg is not None:
+        # grad_input = G·W row by row: fold the vmap batch into the rows.
+        g = grad_output.movedim(dg, 0)
+        x = _moved(input, dx, size)
+        gi = _ops.linear_backward(g, x, weight, [True, False, False])[0]
+        return (gi, None, None), (0, None, None)
+    # Per-sample grad_weight (Σ over that sample's rows of g·xᵀ) and the general case: one
+    # call per sample.
+    g, x, w = _moved(grad_output, dg, size), _moved(input, dx, size), _moved(weight, dw, size)
+    outs = [_ops.linear_backward(g[i], x[i], w[i], output_mask) for i in range(size)]
+    results = tuple(
+        torch.stack([o[k] for o in outs]) if output_mask[k] else None for k in range(3)
+    )
+    return results, tuple(0 if output_mask[k] else None for k in range(3))
+
+
+# ---- the public function -------------------------------------------------------------------
+
+
+def _autocast(input: Tensor, weight: Tensor, bias: Tensor | None):
+    """Cast like F.linear does under torch.autocast: every floating input to the autocast
+    dtype of input's device type."""
+    device_type = input.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    return cast(input), cast(weight), cast(bias)
+
+
+class _LinearFunction(torch.autograd.Function):
+    """Eager autograd for `linear`: the op's backward plus a forward-mode rule (jvp), which
+    `torch.library.register_autograd` cannot express. vmap comes from the ops' vmap rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias):
+        return _ops.linear(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _linear_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _linear_grads(ctx, grad_output, _linear_backward_eager)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias):
+        # d(x·Wᵀ + b) = dx·Wᵀ + x·dWᵀ + db.
+        input, weight = ctx.saved_tensors
+        out = None
+        if d_weight is not None:
+            out = _LinearFunction.apply(input, d_weight, d_bias)
+        elif d_bias is not None:
+            out = d_bias.expand(*input.shape[:-1], weight.shape[0])
+        if d_input is not None:
+            t = _LinearFunction.apply(d_input, weight, None)
+            out = t if out is None else out + t
+        return out
+
+
+class _LinearBackwardFunction(torch.autograd.Function):
+    """Eager autograd for the backward op (double backward, and forward-over-reverse)."""
+
+    generate_vmap_rule = True
+
+    # The output mask travels as an int (bit k: result k wanted): torch.func treats a list
+    # argument as a pytree of inputs, which would not line up with the tangents.
+    @staticmethod
+    def forward(grad_output, input, weight, mask_bits):
+        return _ops.linear_backward(grad_output, input, weight, _mask_list(mask_bits))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _linear_backward_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+        ctx.output_mask = _mask_list(inputs[3])
+
+    @staticmethod
+    def backward(ctx, ggi, ggw, ggb):
+        return _linear_backward_grads(
+            ctx, ggi, ggw, ggb, _LinearFunction.apply, _linear_backward_eager
+        )
+
+    @staticmethod
+    def jvp(ctx, d_go, d_in, d_w, _):
+        # Each result is bilinear: d(G·W) = dG·W + G·dW, d(Gᵀ·X) = dGᵀ·X + Gᵀ·dX, d(ΣG) = ΣdG.
+        grad_output, input, weight = ctx.saved_tensors
+        mask = ctx.output_mask
+        out = [None, None, None]
+
+        def add(k, t):
+            out[k] = t if out[k] is None else out[k] + t
+
+        if d_go is not None:
+            for k, t in enumerate(_linear_backward_eager(d_go, input, weight, mask)):
+                if t is not None:
+                    add(k, t)
+        if d_in is not None and mask[1]:
+            add(1, _linear_backward_eager(grad_output, d_in, weight, [False, True, False])[1])
+        if d_w is not None and mask[0]:
+            add(0, _linear_backward_eager(grad_output, input, d_w, [True, False, False])[0])
+        return tuple(
+            (t if t is not None else torch.zeros_like(ref)) if m else None
+            for t, m, ref in zip(out, mask, (input, weight, weight[:, 0]), strict=True)
+        )
+
+
+def _mask_list(bits: int) -> list[bool]:
+    return [bool(bits & 1), bool(bits & 2), bool(bits & 4)]
+
+
+def _linear_backward_eager(grad_output, input, weight, output_mask):
+    bits = sum(1 << k for k, wanted in enumerate(output_mask) if wanted)
+    return _LinearBackwardFunction.apply(grad_output, input, weight, bits)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = input·weightᵀ + bias, a drop-in for :func:`torch.nn.functional.linear`.
+
+    Args:
+        input (Tensor[..., in_features]): any number of batch dimensions, or a vector.
+        weight (Tensor[out_features, in_features]): same dtype and device as ``input``.
+        bias (Tensor[out_features], optional): same dtype and device.
+
+    Returns:
+        Tensor[..., out_features].
+
+    Supports autograd (double backward included), forward-mode AD, vmap, autocast and
+    ``torch.compile(fullgraph=True)``. float32, float64, bfloat16 and float16; 16-bit types
+    accumulate in float32.
+    """
+    input, weight, bias = _autocast(input, weight, bias)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace an autograd.Function with a custom jvp; the registered op
+        # carries the same backward and its fake kernel.
+        return _ops.linear(input, weight, bias)
+    return _LinearFunction.apply(input, weight, bias)
