@@ -7,10 +7,13 @@ explicit derivatives of W·x.
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (runs the op registrations)
-from . import nn
+from . import (
+    _C,  # noqa: F401  (runs the op registrations)
+    nn,
+)
+from .jacobian import jacobian
 from .ops import linear
 
 __version__ = "0.1.0"
 
-__all__ = ["linear", "nn", "__version__"]
+__all__ = ["jacobian", "linear", "nn", "__version__"]

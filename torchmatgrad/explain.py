@@ -1,0 +1,257 @@
+"""``python -m torchmatgrad explain``: the derivative of W·x, printed and checked against autograd.
+
+For a small random W (n×m) and x (m) it prints the index formula and the 3rd-order Jacobian slice
+by slice, both vec (Kronecker) forms, the backprop outer product g·xᵀ, and the JVP along a random
+direction and along all-ones, each compared with ``torch.autograd.functional.jacobian`` (max abs
+error). Exit status: 0 when everything matches, 1 on a mismatch, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .jacobian import JacobianOperator, jacobian
+
+__all__ = ["main"]
+
+PROG = "python -m torchmatgrad explain"
+
+_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = " ".join(message.split())
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def _parser() -> _ArgumentParser:
+    p = _ArgumentParser(
+        prog=PROG,
+        description="Print the derivative of f = W·x (W: n×m, x: m) in index, vec/Kronecker and "
+        "backprop form, each checked against torch.autograd.functional.jacobian.",
+    )
+    p.add_argument("--n", type=_positive_int, default=2, help="rows of W, len(f) (default 2)")
+    p.add_argument("--m", type=_positive_int, default=3, help="columns of W, len(x) (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--dtype",
+        choices=list(_DTYPES),
+        default="float64",
+        help="dtype of W and x (default float64); references are computed in float64",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    return p
+
+
+# ---- printing ------------------------------------------------------------------------------
+
+
+def _row(v: Tensor) -> str:
+    return "[ " + "  ".join(f"{float(a):+.4f}" for a in v.reshape(-1).tolist()) + " ]"
+
+
+def _matrix(t: Tensor, indent: str = "    ") -> str:
+    t = t.double().cpu()
+    if t.dim() == 1:
+        return indent + _row(t)
+    return "\n".join(indent + _row(r) for r in t)
+
+
+def _header(title: str) -> None:
+    print()
+    print(title)
+    print("-" * min(len(title), 100))
+
+
+class _Checker:
+    """Compares results with float64 autograd references and remembers mismatches."""
+
+    def __init__(self, dtype: torch.dtype, m: int) -> None:
+        # Error bound: one rounding to `dtype` plus a length-m dot product accumulated in
+        # float32 (16-bit types) or in `dtype`, relative to `scale` = max Σ|terms|.
+        self.eps = torch.finfo(dtype).eps
+        acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        self.eps_acc = torch.finfo(acc).eps
+        self.m = m
+        self.failures: list[str] = []
+        self.count = 0
+
+    def check(self, what: str, got: Tensor, ref: Tensor, scale: float = 1.0) -> None:
+        """Print and record whether got ≈ ref; ``scale`` bounds Σ|terms| of a dot product."""
+        got64, ref64 = got.detach().double().cpu(), ref.detach().double().cpu()
+        self.count += 1
+        if got64.shape != ref64.shape:
+            self.failures.append(what)
+            print(f"  {what}: MISMATCH (shape {list(got64.shape)} vs {list(ref64.shape)})")
+            return
+        err = (got64 - ref64).abs().max().item() if got64.numel() else 0.0
+        scale = max(scale, ref64.abs().max().item() if ref64.numel() else 0.0)
+        tol = (self.eps + (self.m + 1) * self.eps_acc) * max(1.0, scale)
+        ok = err <= tol
+        if not ok:
+            self.failures.append(what)
+        verdict = "matches" if ok else "MISMATCH"
+        print(f"  {what}: {verdict} (max abs error {err:.3e}, tolerance {tol:.1e})")
+
+
+# ---- the walkthrough -----------------------------------------------------------------------
+
+
+def _explain(n: int, m: int, seed: int, dtype: torch.dtype, device: torch.device) -> int:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    W, x, g, dW = rand(n, m), rand(m), rand(n), rand(n, m)
+    # float64 copies of the very same values, for the autograd references.
+    W64, x64, g64, dW64 = (t.double() for t in (W, x, g, dW))
+    f64 = W64 @ x64
+    J_ref = torch.autograd.functional.jacobian(lambda w: w @ x64, W64)  # (n, n, m)
+    checker = _Checker(dtype, m)
+    dname = str(dtype).removeprefix("torch.")
+
+    print(f"The derivative of f = W·x   (n = {n}, m = {m}, dtype = {dname}, seed = {seed})")
+    print(f"W ({n}×{m}):")
+    print(_matrix(W))
+    print(f"x ({m}):")
+    print(_matrix(x))
+    print(f"f = W·x ({n}):")
+    print(_matrix(f64))
+    print("References: torch.autograd.functional.jacobian(lambda W: W @ x, W) in float64.")
+
+    # 1. index form / 3rd-order tensor
+    _header(f"[1] Index form: ∂f_i/∂W_kl = δ_ik·x_l  (3rd-order tensor J, shape ({n}, {n}, {m}))")
+    print("  layout J[i, k, l]: output index i first, then W's (k, l)  (numerator layout)")
+    print("  call: torchmatgrad.jacobian(W, x)  # wrt='weight', form='tensor'")
+    J = jacobian(W, x)
+    for i in range(n):
+        print(f"  J[{i}, :, :] = ∂f_{i}/∂W  (row {i} is xᵀ, all other rows 0)")
+        print(_matrix(J[i], "      "))
+    checker.check("tensor J vs autograd", J, J_ref)
+
+    # 2./3. vec forms
+    _header(f"[2] vec form, column-major vec(W) = W.t().reshape(-1): ∂f/∂vec(W) = xᵀ ⊗ I_{n}")
+    print(f"  shape ({n}, {n * m}); column l·n + k holds ∂f/∂W_kl")
+    print("  call: torchmatgrad.jacobian(W, x, form='vec', order='col')")
+    V_col = jacobian(W, x, form="vec", order="col")
+    print(_matrix(V_col))
+    ref_col = torch.autograd.functional.jacobian(
+        lambda v: v.reshape(m, n).t() @ x64, W64.t().reshape(-1)
+    )
+    checker.check("xᵀ ⊗ I_n vs autograd on W.t().reshape(-1)", V_col, ref_col)
+
+    _header(
+        f"[3] vec form, row-major W.reshape(-1) (torch flatten): ∂f/∂W.reshape(-1) = I_{n} ⊗ xᵀ"
+    )
+    print(f"  shape ({n}, {n * m}); column k·m + l holds ∂f/∂W_kl")
+    print("  call: torchmatgrad.jacobian(W, x, form='vec', order='row')")
+    V_row = jacobian(W, x, form="vec", order="row")
+    print(_matrix(V_row))
+    ref_row = torch.autograd.functional.jacobian(lambda v: v.reshape(n, m) @ x64, W64.reshape(-1))
+    checker.check("I_n ⊗ xᵀ vs autograd on W.reshape(-1)", V_row, ref_row)
+
+    # 4. backprop: the outer product
+    op = jacobian(W, x, form="operator")
+    assert isinstance(op, JacobianOperator)
+    _header("[4] Backprop, scalar loss L with upstream g = ∂L/∂f: ∂L/∂W = g·xᵀ (outer product)")
+    print(f"  g ({n}):")
+    print(_matrix(g))
+    print("  call: torchmatgrad.jacobian(W, x, form='operator').vjp(g)")
+    print("        # one torch.ops.torchmatgrad.linear_backward call; = Σ_i g_i·J[i]")
+    gxt = op.vjp(g)
+    print(_matrix(gxt))
+    checker.check("g·xᵀ vs Σ_i g_i·J_autograd[i]", gxt, torch.einsum("i,ikl->kl", g64, J_ref))
+
+    # 5. JVP along a random direction
+    _header("[5] JVP along a random direction dW: J·dW = Σ_kl J[:, k, l]·dW_kl = dW·x")
+    print(f"  dW ({n}×{m}):")
+    print(_matrix(dW))
+    print("  call: op.jvp(dW)  # one torchmatgrad.linear call")
+    jv = op.jvp(dW)
+    print(_matrix(jv))
+    scale = (dW64.abs() @ x64.abs()).max().item()
+    checker.check("dW·x vs J_autograd·dW", jv, torch.einsum("ikl,kl->i", J_ref, dW64), scale=scale)
+
+    # 6. JVP along all-ones: the circulating wrong answer
+    ones = torch.ones(n, m, dtype=dtype, device=device)
+    ones64 = ones.double()
+    s = x64.sum()
+    _header("[6] JVP along dW = all-ones 1_{n×m}: J·1 = 1·x = (xᵀ·1_m)·1_n")
+    print(f"  xᵀ·1_m = Σ_l x_l = {s.item():+.4f}")
+    print("  call: op.jvp(torch.ones(n, m))")
+    jv1 = op.jvp(ones)
+    print(_matrix(jv1))
+    print("  (xᵀ·1_m)·1_n:")
+    print(_matrix(s * torch.ones(n, dtype=torch.float64)))
+    scale1 = float(x64.abs().sum().item())
+    checker.check("J·1 vs J_autograd·1", jv1, torch.einsum("ikl,kl->i", J_ref, ones64), scale1)
+    checker.check("J·1 vs (xᵀ·1_m)·1_n", jv1, s * torch.ones(n, dtype=torch.float64), scale=scale1)
+    print(
+        "  This n-vector is the directional derivative of W·x along dW = all-ones, NOT the\n"
+        f"  Jacobian: J has n·n·m = {n * n * m} entries, δ_ik·x_l, mostly 0 and none of them 1\n"
+        "  in general."
+    )
+
+    print()
+    if checker.failures:
+        print(f"MISMATCH in {len(checker.failures)} of {checker.count} checks: ", end="")
+        print("; ".join(checker.failures))
+        return 1
+    print(f"All {checker.count} checks match torch.autograd.functional.jacobian.")
+    return 0
+
+
+def main(argv: list[str] | Sequence[str] | None = None) -> int:
+    """Run ``explain``.
+
+    Args:
+        argv: the arguments after ``explain`` (``sys.argv[1:]`` when None), e.g.
+            ``["--n", "2", "--m", "3", "--seed", "0", "--dtype", "float64"]``.
+
+    Returns:
+        0 when every result matches autograd, 1 on a mismatch, 2 on bad arguments (after a
+        one-line error on stderr).
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"argument --device: unknown device {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("argument --device: CUDA is not available")
+        if device.type not in ("cpu", "cuda"):
+            parser.error(f"argument --device: expected cpu or cuda, got {args.device!r}")
+    except SystemExit as e:  # --help (0) or a bad argument (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return _explain(args.n, args.m, args.seed, _DTYPES[args.dtype], device)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
