@@ -110,8 +110,11 @@ def get_extensions():
             "-lineinfo",
         ]
         ext_cls = CUDAExtension
-        print(f"torchmatgrad: building CPU + CUDA kernels ({why}); CUDA_HOME={CUDA_HOME}; "
-              f"TORCH_CUDA_ARCH_LIST={archs}", file=sys.stderr)
+        print(
+            f"torchmatgrad: building CPU + CUDA kernels ({why}); CUDA_HOME={CUDA_HOME}; "
+            f"TORCH_CUDA_ARCH_LIST={archs}",
+            file=sys.stderr,
+        )
     else:
         ext_cls = CppExtension
         print(f"torchmatgrad: building CPU kernels only ({why})", file=sys.stderr)

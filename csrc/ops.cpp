@@ -1,7 +1,8 @@
 // Every torchmatgrad op schema, in one place, and the tiny Python module that loads them.
 //
 // linear(input, weight, bias=None) -> y
-//     F.linear semantics: input [..., m], weight [n, m], bias [n] -> y [..., n] = input·weightᵀ + bias.
+//     F.linear semantics: input [..., m], weight [n, m], bias [n] -> y [..., n] = input·weightᵀ +
+//     bias.
 // linear_backward(grad_output, input, weight, output_mask) -> (grad_input, grad_weight, grad_bias)
 //     grad_output [..., n]. With the batch flattened to R rows G [R, n], X [R, m]:
 //     grad_input = G·W [..., m], grad_weight = Gᵀ·X [n, m], grad_bias = Σ_r G[r] [n].

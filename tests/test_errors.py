@@ -18,7 +18,11 @@ CASES = [
         lambda: (rand(3, 6), rand(4, 5), None),
         r"input.size\(-1\) must equal weight.size\(1\).*\[3, 6\].*\[4, 5\]",
     ),
-    ("bias length", lambda: (rand(3, 5), rand(4, 5), rand(3)), r"bias must be 1-D of length .*4.*\[3\]"),
+    (
+        "bias length",
+        lambda: (rand(3, 5), rand(4, 5), rand(3)),
+        r"bias must be 1-D of length .*4.*\[3\]",
+    ),
     ("bias rank", lambda: (rand(3, 5), rand(4, 5), rand(4, 1)), r"bias must be 1-D .*\[4, 1\]"),
     (
         "mixed dtypes",

@@ -118,9 +118,7 @@ def test_opcheck(device, dtype, requires_grad):
     torch.library.opcheck(ops.linear_backward.default, (g, x, w, [True, False, True]))
     if not requires_grad:  # a mutating op has no autograd formula
         buf = rand(4, 5, device=device, dtype=dtype)
-        torch.library.opcheck(
-            ops.linear_backward_accumulate_.default, (g, x, w, buf, [True, True])
-        )
+        torch.library.opcheck(ops.linear_backward_accumulate_.default, (g, x, w, buf, [True, True]))
 
 
 def test_compile_fullgraph_matches_eager(device):
@@ -209,9 +207,7 @@ def test_property_random_shapes(n, m, batch, bias, dtype):
     assert_matches_reference(y, F.linear(x, w, b), ref, what="forward")
     g = rand(*y.shape, dtype=dtype)
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
-    ref_grads = torch.autograd.grad(
-        F.linear(x, w, b), [t for t in (x, w, b) if t is not None], g
-    )
+    ref_grads = torch.autograd.grad(F.linear(x, w, b), [t for t in (x, w, b) if t is not None], g)
     ins = [t.detach().double().requires_grad_() for t in (x, w, b) if t is not None]
     ref64 = torch.autograd.grad(F.linear(*ins, *([None] if not bias else [])), ins, g.double())
     for a, t, r in zip(grads, ref_grads, ref64, strict=True):

@@ -77,7 +77,9 @@ def test_convert_linear_in_place():
 
 def _mlp(cls, seed):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(cls(10, 32), torch.nn.Tanh(), cls(32, 32), torch.nn.Tanh(), cls(32, 1))
+    return torch.nn.Sequential(
+        cls(10, 32), torch.nn.Tanh(), cls(32, 32), torch.nn.Tanh(), cls(32, 1)
+    )
 
 
 def test_mlp_training_matches_nn_linear():

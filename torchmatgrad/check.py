@@ -364,14 +364,22 @@ def run_table(checks: list[Check], devs: list[str], dtypes: list[torch.dtype]):
 
 
 def format_table(checks, rows, devs, dtypes) -> str:
-    short = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+    short = {
+        torch.float64: "f64",
+        torch.float32: "f32",
+        torch.bfloat16: "bf16",
+        torch.float16: "f16",
+    }
     cols = [f"{d} {short[t]}" for d in devs for t in dtypes]
     width = max(len(c.name) for c in checks)
     lines = [" | ".join([" " * width] + cols)]
     lines.append("-" * len(lines[0]))
     for check, cells in zip(checks, rows, strict=True):
         lines.append(
-            " | ".join([check.name.ljust(width)] + [c.ljust(len(h)) for c, h in zip(cells, cols)])
+            " | ".join(
+                [check.name.ljust(width)]
+                + [c.ljust(len(h)) for c, h in zip(cells, cols, strict=True)]
+            )
         )
     return "\n".join(lines)
 

@@ -42,39 +42,53 @@ def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> No
     )
     torch._check(
         input.shape[-1] == weight.shape[1],
-        lambda: "input.size(-1) must equal weight.size(1) (in_features), got input of shape "
-        f"{list(input.shape)} and weight of shape {list(weight.shape)}",
+        lambda: (
+            "input.size(-1) must equal weight.size(1) (in_features), got input of shape "
+            f"{list(input.shape)} and weight of shape {list(weight.shape)}"
+        ),
     )
     torch._check(
         weight.dtype in _FLOAT_DTYPES,
-        lambda: "weight must be a floating point tensor (float32, float64, bfloat16 or "
-        f"float16), got {weight.dtype}",
+        lambda: (
+            "weight must be a floating point tensor (float32, float64, bfloat16 or "
+            f"float16), got {weight.dtype}"
+        ),
     )
     torch._check(
         input.dtype == weight.dtype,
-        lambda: f"input and weight must have the same dtype, got input {input.dtype} and "
-        f"weight {weight.dtype}",
+        lambda: (
+            f"input and weight must have the same dtype, got input {input.dtype} and "
+            f"weight {weight.dtype}"
+        ),
     )
     torch._check(
         input.device == weight.device,
-        lambda: f"input and weight must be on the same device, got input on {input.device} "
-        f"and weight on {weight.device}",
+        lambda: (
+            f"input and weight must be on the same device, got input on {input.device} "
+            f"and weight on {weight.device}"
+        ),
     )
     if bias is not None:
         torch._check(
             bias.dim() == 1 and bias.shape[0] == weight.shape[0],
-            lambda: "bias must be 1-D of length weight.size(0) (out_features) = "
-            f"{weight.shape[0]}, got shape {list(bias.shape)}",
+            lambda: (
+                "bias must be 1-D of length weight.size(0) (out_features) = "
+                f"{weight.shape[0]}, got shape {list(bias.shape)}"
+            ),
         )
         torch._check(
             bias.dtype == weight.dtype,
-            lambda: f"bias must have the same dtype as weight, got bias {bias.dtype} and "
-            f"weight {weight.dtype}",
+            lambda: (
+                f"bias must have the same dtype as weight, got bias {bias.dtype} and "
+                f"weight {weight.dtype}"
+            ),
         )
         torch._check(
             bias.device == weight.device,
-            lambda: f"bias must be on the same device as weight, got bias on {bias.device} "
-            f"and weight on {weight.device}",
+            lambda: (
+                f"bias must be on the same device as weight, got bias on {bias.device} "
+                f"and weight on {weight.device}"
+            ),
         )
 
 
@@ -83,18 +97,24 @@ def _check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> 
     expected = [*input.shape[:-1], weight.shape[0]]
     torch._check(
         list(grad_output.shape) == expected,
-        lambda: f"grad_output must have shape {expected} (input's batch shape, out_features), "
-        f"got {list(grad_output.shape)}",
+        lambda: (
+            f"grad_output must have shape {expected} (input's batch shape, out_features), "
+            f"got {list(grad_output.shape)}"
+        ),
     )
     torch._check(
         grad_output.dtype == weight.dtype,
-        lambda: f"grad_output must have the same dtype as weight, got grad_output "
-        f"{grad_output.dtype} and weight {weight.dtype}",
+        lambda: (
+            f"grad_output must have the same dtype as weight, got grad_output "
+            f"{grad_output.dtype} and weight {weight.dtype}"
+        ),
     )
     torch._check(
         grad_output.device == weight.device,
-        lambda: f"grad_output must be on the same device as weight, got grad_output on "
-        f"{grad_output.device} and weight on {weight.device}",
+        lambda: (
+            f"grad_output must be on the same device as weight, got grad_output on "
+            f"{grad_output.device} and weight on {weight.device}"
+        ),
     )
 
 
@@ -129,8 +149,10 @@ def _linear_backward_accumulate_fake(
     _check_backward_args(grad_output, input, weight)
     torch._check(
         list(grad_weight.shape) == list(weight.shape),
-        lambda: f"grad_weight must have weight's shape {list(weight.shape)}, got "
-        f"{list(grad_weight.shape)}",
+        lambda: (
+            f"grad_weight must have weight's shape {list(weight.shape)}, got "
+            f"{list(grad_weight.shape)}"
+        ),
     )
     gi = input.new_empty(input.shape) if output_mask[0] else None
     gb = weight.new_empty((weight.shape[0],)) if output_mask[1] else None
@@ -245,9 +267,7 @@ def _linear_backward_vmap(info, in_dims, grad_output, input, weight, output_mask
     # call per sample.
     g, x, w = _moved(grad_output, dg, size), _moved(input, dx, size), _moved(weight, dw, size)
     outs = [_ops.linear_backward(g[i], x[i], w[i], output_mask) for i in range(size)]
-    results = tuple(
-        torch.stack([o[k] for o in outs]) if output_mask[k] else None for k in range(3)
-    )
+    results = tuple(torch.stack([o[k] for o in outs]) if output_mask[k] else None for k in range(3))
     return results, tuple(0 if output_mask[k] else None for k in range(3))
 
 

@@ -82,7 +82,9 @@ T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Chunks of work below this many multiply-adds are not worth a thread.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
@@ -113,10 +115,9 @@ void bias_grad(const at::Tensor& g2d, const at::Tensor& gb) {
   const int64_t R = g2d.size(0), n = g2d.size(1);
   auto acc = at::empty({n}, g2d.options().dtype(acc_dtype(g2d.scalar_type())));
   auto fn = TORCHMATGRAD_PICK(column_sum<T>);
-  at::parallel_for(0, n, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, R)),
-                   [&](int64_t q0, int64_t q1) {
-                     fn(ptr<T>(g2d), n, R, q0, q1, ptr<cpu_base::acc_t<T>>(acc));
-                   });
+  at::parallel_for(
+      0, n, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, R)),
+      [&](int64_t q0, int64_t q1) { fn(ptr<T>(g2d), n, R, q0, q1, ptr<cpu_base::acc_t<T>>(acc)); });
   gb.copy_(acc);
 }
 
@@ -190,12 +191,11 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const int64_t R = x.size(0);
   auto y = at::empty({R, n}, input.options());
   if (y.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                    "torchmatgrad_linear_cpu", [&] {
-                                      using T = typename Storage<scalar_t>::type;
-                                      gemm_nt<T, T>(ptr<T>(x), m, ptr<T>(w), m, ptr<T>(y), n,
-                                                    ptr<T>(b), R, n, m, false);
-                                    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "torchmatgrad_linear_cpu", [&] {
+          using T = typename Storage<scalar_t>::type;
+          gemm_nt<T, T>(ptr<T>(x), m, ptr<T>(w), m, ptr<T>(y), n, ptr<T>(b), R, n, m, false);
+        });
   }
   return y.view(output_shape(input, n));
 }
@@ -221,9 +221,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   return {gi, gw, gb};
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    at::Tensor& grad_weight, std::array<bool, 2> output_mask) {
+std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(const at::Tensor& grad_output,
+                                                                  const at::Tensor& input,
+                                                                  const at::Tensor& weight,
+                                                                  at::Tensor& grad_weight,
+                                                                  std::array<bool, 2> output_mask) {
   check_backward_args(grad_output, input, weight);
   check_grad_weight_buffer(grad_weight, weight);
   const int64_t n = weight.size(0), m = weight.size(1);

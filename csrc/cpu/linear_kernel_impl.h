@@ -49,8 +49,12 @@ inline float to_acc(f16_t v) {
   std::memcpy(&h, &v.x, 2);
   return static_cast<float>(h);
 }
-inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
+inline float to_acc(float v) {
+  return v;
+}
+inline double to_acc(double v) {
+  return v;
+}
 
 template <typename O>
 inline O from_acc(acc_t<O> v);
@@ -292,8 +296,8 @@ inline void backward_rows_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X,
 
 template <bool GW, bool GI, typename T, typename O>
 void backward_rows_impl(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
-                        int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate,
-                        acc_t<T>* gi, int64_t j0, int64_t j1) {
+                        int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate, acc_t<T>* gi,
+                        int64_t j0, int64_t j1) {
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4)
     backward_rows_group<4, GW, GI>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j);
@@ -336,13 +340,12 @@ void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t
 }
 
 // Explicit instantiations: the launcher takes their addresses per instruction set.
-#define TORCHMATGRAD_INSTANTIATE(T, O)                                                       \
-  template void gemm_nt_tile<T, O>(const T*, int64_t, const T*, int64_t, O*, int64_t,        \
-                                   const T*, int64_t, int64_t, int64_t, int64_t, int64_t,    \
-                                   bool);                                                    \
-  template void backward_rows<T, O>(const acc_t<T>*, int64_t, const acc_t<T>*, const T*,     \
-                                    int64_t, int64_t, int64_t, O*, int64_t, bool, acc_t<T>*, \
-                                    int64_t, int64_t);
+#define TORCHMATGRAD_INSTANTIATE(T, O)                                                            \
+  template void gemm_nt_tile<T, O>(const T*, int64_t, const T*, int64_t, O*, int64_t, const T*,   \
+                                   int64_t, int64_t, int64_t, int64_t, int64_t, bool);            \
+  template void backward_rows<T, O>(const acc_t<T>*, int64_t, const acc_t<T>*, const T*, int64_t, \
+                                    int64_t, int64_t, O*, int64_t, bool, acc_t<T>*, int64_t,      \
+                                    int64_t);
 TORCHMATGRAD_INSTANTIATE(float, float)
 TORCHMATGRAD_INSTANTIATE(double, double)
 TORCHMATGRAD_INSTANTIATE(bf16_t, bf16_t)
