@@ -77,10 +77,11 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
 inline void check_grad_weight_buffer(const at::Tensor& grad_weight, const at::Tensor& weight) {
   TORCH_CHECK(grad_weight.sizes() == weight.sizes(), "grad_weight must have weight's shape ",
               weight.sizes(), ", got ", grad_weight.sizes());
-  TORCH_CHECK(
-      grad_weight.scalar_type() == weight.scalar_type() || grad_weight.scalar_type() == at::kFloat,
-      "grad_weight must have weight's dtype (", weight.scalar_type(), ") or float32, got ",
-      grad_weight.scalar_type());
+  const bool is16 = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(grad_weight.scalar_type() == weight.scalar_type() ||
+                  (is16 && grad_weight.scalar_type() == at::kFloat),
+              "grad_weight must have weight's dtype (", weight.scalar_type(),
+              ", or float32 for a 16-bit weight), got ", grad_weight.scalar_type());
   TORCH_CHECK(grad_weight.device() == weight.device(),
               "grad_weight must be on the same device as weight, got grad_weight on ",
               grad_weight.device(), " and weight on ", weight.device());

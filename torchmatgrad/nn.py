@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .accumulate import check_mode
 from .ops import linear
 
-__all__ = ["Linear", "convert_linear"]
+__all__ = ["Linear", "convert_linear", "set_grad_accumulation"]
 
 
 class Linear(torch.nn.Linear):
@@ -22,13 +23,35 @@ class Linear(torch.nn.Linear):
         out_features: size of each output sample (n).
         bias: learn an additive bias. Default: True.
         device, dtype: factory arguments for the parameters.
+        grad_accumulation: "unfused" (default), "fused" (the backward adds into an existing
+            ``weight.grad`` in place) or "main_grad" (into a float32 ``weight.main_grad``);
+            see :mod:`torchmatgrad.accumulate`.
     """
 
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        grad_accumulation: str = "unfused",
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.grad_accumulation = check_mode(grad_accumulation)
+
     def forward(self, input: Tensor) -> Tensor:
-        return linear(input, self.weight, self.bias)
+        return linear(input, self.weight, self.bias, grad_accumulation=self.grad_accumulation)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        if self.grad_accumulation == "unfused":
+            return base
+        return f"{base}, grad_accumulation={self.grad_accumulation}"
 
     @classmethod
-    def from_linear(cls, module: torch.nn.Linear) -> Linear:
+    def from_linear(cls, module: torch.nn.Linear, *, grad_accumulation: str = "unfused") -> Linear:
         """A torchmatgrad Linear that shares ``module``'s parameter tensors (no copy, no
         re-initialization) and training mode."""
         if not isinstance(module, torch.nn.Linear):
@@ -39,11 +62,14 @@ class Linear(torch.nn.Linear):
         new.out_features = module.out_features
         new.register_parameter("weight", module.weight)
         new.register_parameter("bias", module.bias)
+        new.grad_accumulation = check_mode(grad_accumulation)
         new.train(module.training)
         return new
 
 
-def convert_linear(model: torch.nn.Module) -> torch.nn.Module:
+def convert_linear(
+    model: torch.nn.Module, *, grad_accumulation: str = "unfused"
+) -> torch.nn.Module:
     """Replace every ``torch.nn.Linear`` inside ``model`` (in place) by
     :class:`torchmatgrad.nn.Linear` sharing the same parameters, and return ``model``.
 
@@ -52,10 +78,20 @@ def convert_linear(model: torch.nn.Module) -> torch.nn.Module:
     be replaced in place, so the converted module is returned instead.
     """
     if type(model) is torch.nn.Linear:
-        return Linear.from_linear(model)
+        return Linear.from_linear(model, grad_accumulation=grad_accumulation)
     for name, child in model.named_children():
         if type(child) is torch.nn.Linear:
-            setattr(model, name, Linear.from_linear(child))
+            setattr(model, name, Linear.from_linear(child, grad_accumulation=grad_accumulation))
         else:
-            convert_linear(child)
+            convert_linear(child, grad_accumulation=grad_accumulation)
+    return model
+
+
+def set_grad_accumulation(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Set ``grad_accumulation`` ("unfused", "fused", "main_grad") on every
+    :class:`torchmatgrad.nn.Linear` in ``model``; returns ``model``."""
+    check_mode(mode)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.grad_accumulation = mode
     return model

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
+from .accumulate import check_mode, fused_weight_backward
 
 _ops = torch.ops.torchmatgrad
 
@@ -295,20 +296,26 @@ class _LinearFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias):
+    def forward(input, weight, bias, grad_accumulation="unfused"):
         return _ops.linear(input, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _linear_setup_context(ctx, inputs, output)
+        _linear_setup_context(ctx, inputs[:3], output)
         ctx.save_for_forward(inputs[0], inputs[1])
+        ctx.grad_accumulation = inputs[3] if len(inputs) > 3 else "unfused"
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _linear_grads(ctx, grad_output, _linear_backward_eager)
+        if ctx.grad_accumulation != "unfused" and ctx.needs_input_grad[1]:
+            input, weight = ctx.saved_tensors
+            fused = fused_weight_backward(ctx, grad_output, input, weight, ctx.grad_accumulation)
+            if fused is not None:
+                return (*fused, None)
+        return (*_linear_grads(ctx, grad_output, _linear_backward_eager), None)
 
     @staticmethod
-    def jvp(ctx, d_input, d_weight, d_bias):
+    def jvp(ctx, d_input, d_weight, d_bias, _=None):
         # d(x·Wᵀ + b) = dx·Wᵀ + x·dWᵀ + db.
         input, weight = ctx.saved_tensors
         out = None
@@ -378,13 +385,23 @@ def _linear_backward_eager(grad_output, input, weight, output_mask):
     return _LinearBackwardFunction.apply(grad_output, input, weight, bits)
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    grad_accumulation: str = "unfused",
+) -> Tensor:
     """y = input·weightᵀ + bias, a drop-in for :func:`torch.nn.functional.linear`.
 
     Args:
         input (Tensor[..., in_features]): any number of batch dimensions, or a vector.
         weight (Tensor[out_features, in_features]): same dtype and device as ``input``.
         bias (Tensor[out_features], optional): same dtype and device.
+        grad_accumulation: "unfused" (default: autograd accumulates ``weight.grad`` as usual),
+            "fused" (the backward kernel adds into an existing ``weight.grad`` in place) or
+            "main_grad" (adds into a float32 ``weight.main_grad``). Eager mode only; see
+            :mod:`torchmatgrad.accumulate` for exactly when fusing applies.
 
     Returns:
         Tensor[..., out_features].
@@ -393,9 +410,12 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     ``torch.compile(fullgraph=True)``. float32, float64, bfloat16 and float16; 16-bit types
     accumulate in float32.
     """
+    check_mode(grad_accumulation)
     input, weight, bias = _autocast(input, weight, bias)
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an autograd.Function with a custom jvp; the registered op
         # carries the same backward and its fake kernel.
         return _ops.linear(input, weight, bias)
-    return _LinearFunction.apply(input, weight, bias)
+    if grad_accumulation == "unfused":
+        return _LinearFunction.apply(input, weight, bias)
+    return _LinearFunction.apply(input, weight, bias, grad_accumulation)

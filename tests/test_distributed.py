@@ -1,0 +1,97 @@
+"""torchmatgrad.nn.Linear under DistributedDataParallel (gloo, 2 processes on loopback).
+
+The test starts its own two processes, bounded in time; each compares the same model built with
+torch.nn.Linear and with torchmatgrad.nn.Linear after a few steps, with and without fused
+gradient accumulation, including no_sync() micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(cls, **kw):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(cls(6, 8, **kw), torch.nn.Tanh(), cls(8, 3, **kw))
+
+
+def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    import warnings
+
+    import torchmatgrad
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
+        torch.manual_seed(100 + rank)  # different data on each rank
+        data = [torch.randn(4, 6) for _ in range(6)]
+        ref = DDP(_model(torch.nn.Linear))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for mode in ("unfused", "fused"):
+                ours = DDP(_model(torchmatgrad.nn.Linear, grad_accumulation=mode))
+                for model in (ref, ours) if mode == "unfused" else (ours,):
+                    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                    for step in range(3):
+                        opt.zero_grad(set_to_none=False)
+                        with model.no_sync():  # a local micro-batch, reduced with the next one
+                            model(data[2 * step]).square().sum().backward()
+                        model(data[2 * step + 1]).square().sum().backward()
+                        opt.step()
+                    if model is ref:
+                        ref_state = [p.detach().clone() for p in ref.parameters()]
+                        ref_grads = [p.grad.clone() for p in ref.parameters()]
+                for p, r in zip(ours.parameters(), ref_state, strict=True):
+                    torch.testing.assert_close(p.detach(), r)
+                for p, g in zip(ours.parameters(), ref_grads, strict=True):
+                    torch.testing.assert_close(p.grad, g)
+        messages = [str(w.message) for w in caught]
+        assert any("torch.distributed is initialized" in m for m in messages), messages
+        # Parameters are identical on both ranks (DDP all-reduced the gradients).
+        flat = torch.cat([p.detach().flatten() for p in ours.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        torch.testing.assert_close(gathered[0], gathered[1])
+        open(os.path.join(result_dir, f"ok{rank}"), "w").close()
+    except Exception:
+        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_matches_nn_linear(tmp_path):
+    world, port = 2, _free_port()
+    ctx = mp.start_processes(
+        _worker, args=(world, port, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+    )
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
+    errors = [p.read_text() for p in sorted(tmp_path.glob("err*"))]
+    assert not errors, "\n".join(errors)
+    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]
