@@ -151,7 +151,7 @@ def test_shared_weight_used_twice():
 
 @pytest.mark.parametrize("dtype16", [torch.bfloat16, torch.float16])
 def test_main_grad_keeps_precision(dtype16):
-    """Many micro-batches: a 16-bit .grad drifts from the exact sum, a float32 main_grad does not."""
+    """Many micro-batches: a 16-bit .grad drifts from the exact sum, an fp32 main_grad does not."""
     torch.manual_seed(0)
     k = 200
     ref64 = torch.nn.Linear(16, 8, dtype=torch.float64)

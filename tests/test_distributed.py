@@ -33,8 +33,9 @@ def _model(cls, **kw):
 def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     import warnings
 
-    import torchmatgrad
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import torchmatgrad
 
     try:
         dist.init_process_group(

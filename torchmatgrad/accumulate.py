@@ -4,10 +4,12 @@ PyTorch's backward of a linear layer writes a temporary grad_W, then AccumulateG
 ``.grad`` and writes ``.grad``: six passes over a W-sized buffer per step where four are enough.
 With ``grad_accumulation="fused"`` the backward kernel adds Gᵀ·X straight into ``weight.grad``
 (``torch.ops.torchmatgrad.linear_backward_accumulate_``) and hands autograd no weight gradient,
-so AccumulateGrad has nothing left to do. ``"main_grad"`` does the same into a float32
-(float64 for a float64 weight) ``weight.main_grad`` buffer (created on first use), for bf16/fp16 weights whose ``.grad`` would
-lose precision over many micro-batches; ``.grad`` then stays None and the optimizer step must
-read ``main_grad`` (see :func:`torchmatgrad.nn.main_grad_to_grad`).
+so AccumulateGrad has nothing left to do. ``"main_grad"`` does the same into a float32 (float64
+for a float64 weight) ``weight.main_grad`` buffer, created on first use, for bf16/fp16 weights
+whose ``.grad`` would lose precision over many micro-batches; ``.grad`` then stays None and the
+optimizer step must read ``main_grad`` (e.g. ``p.grad = p.main_grad.to(p.dtype)`` before
+``step()``, or an optimizer that keeps fp32 master weights); zero it with
+``p.main_grad.zero_()``.
 
 Fusing is only done where it gives exactly what autograd would; otherwise the unfused path runs
 and a one-time warning says why (see ``fusion_blocker``):

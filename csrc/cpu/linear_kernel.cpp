@@ -93,8 +93,8 @@ constexpr int64_t kMinWorkPerThread = 1 << 15;
 // so they are spread over threads; with P ≤ kFewRows a tile spans all P rows and 16 rows of B,
 // so B (the weight, in the forward) is read from memory once.
 template <typename T, typename O>
-void gemm_nt(const T* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc, const T* bias,
-             int64_t P, int64_t Q, int64_t K, bool accumulate) {
+void gemm_nt(const cpu_base::acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
+             const T* bias, int64_t P, int64_t Q, int64_t K, bool accumulate) {
   auto fn = TORCHMATGRAD_PICK(gemm_nt_tile<T, O>);
   const int64_t tp = P <= kFewRows ? P : cpu_base::kTileP;
   const int64_t tq = P <= kFewRows ? 16 : cpu_base::kTileQ;
@@ -137,11 +137,11 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     if (gi.defined()) gi.zero_();
     return;
   }
+  auto acc_opts = g2d.options().dtype(acc_dtype(g2d.scalar_type()));
   if (R <= kFewRows) {
     // One pass over W: each chunk of W rows writes its rows of grad_W and adds its share of
     // G·W into a private float partial; partials are summed in chunk order (deterministic for
     // a given thread count).
-    auto acc_opts = g2d.options().dtype(acc_dtype(g2d.scalar_type()));
     auto g = g2d.to(acc_opts).contiguous();
     auto x = x2d.to(acc_opts).contiguous();
     const int64_t groups = (n + 3) / 4;
@@ -169,13 +169,14 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   }
   // Many rows: both products are GEMM-shaped; make the reduced dimension contiguous.
   if (gw.defined()) {
-    auto gt = g2d.t().contiguous();  // [n, R]
-    auto xt = x2d.t().contiguous();  // [m, R]
-    gemm_nt<T, O>(ptr<T>(gt), R, ptr<T>(xt), R, ptr<O>(gw), m, nullptr, n, m, R, accumulate);
+    auto gt = g2d.t().to(acc_opts).contiguous();  // [n, R], widened
+    auto xt = x2d.t().contiguous();               // [m, R]
+    gemm_nt<T, O>(ptr<A_t>(gt), R, ptr<T>(xt), R, ptr<O>(gw), m, nullptr, n, m, R, accumulate);
   }
   if (gi.defined()) {
     auto wt = w.t().contiguous();  // [m, n]
-    gemm_nt<T, T>(ptr<T>(g2d), n, ptr<T>(wt), n, ptr<T>(gi), m, nullptr, R, m, n, false);
+    auto g = g2d.to(acc_opts);     // widened
+    gemm_nt<T, T>(ptr<A_t>(g), n, ptr<T>(wt), n, ptr<T>(gi), m, nullptr, R, m, n, false);
   }
 }
 
@@ -185,7 +186,8 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) {
   check_linear_args(input, weight, bias);
   const int64_t n = weight.size(0), m = weight.size(1);
-  auto x = input.reshape({batch_rows(input), m}).contiguous();
+  // x is widened to the accumulation type once (it is small next to W); W stays as stored.
+  auto x = input.reshape({batch_rows(input), m}).to(acc_dtype(input.scalar_type())).contiguous();
   auto w = weight.contiguous();
   at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   const int64_t R = x.size(0);
@@ -194,7 +196,8 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "torchmatgrad_linear_cpu", [&] {
           using T = typename Storage<scalar_t>::type;
-          gemm_nt<T, T>(ptr<T>(x), m, ptr<T>(w), m, ptr<T>(y), n, ptr<T>(b), R, n, m, false);
+          using A_t = cpu_base::acc_t<T>;
+          gemm_nt<T, T>(ptr<A_t>(x), m, ptr<T>(w), m, ptr<T>(y), n, ptr<T>(b), R, n, m, false);
         });
   }
   return y.view(output_shape(input, n));

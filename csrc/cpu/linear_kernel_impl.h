@@ -92,12 +92,17 @@ inline typename VecOf<acc_t<T>>::type vload(const T* p) {
 }
 template <>
 inline f32v vload<bf16_t>(const bf16_t* p) {
+#ifdef TORCHMATGRAD_F16C
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+#else
   u16x8 h;
   std::memcpy(&h, p, 16);
   u32x8 w = __builtin_convertvector(h, u32x8) << 16;
   f32v r;
   std::memcpy(&r, &w, 32);
   return r;
+#endif
 }
 template <>
 inline f32v vload<f16_t>(const f16_t* p) {
@@ -141,59 +146,90 @@ inline auto hsum(V v) {
 }
 
 // ---- forward / GEMM ("NT": both operands row-major along the reduced dimension) ------------
+//
+// A is always in the accumulation type (the launcher widens x or G once: they are small next
+// to W), B is in the storage type and is widened as it is loaded, so W is read in its own
+// (possibly 16-bit) format exactly as often as the schedule says.
 
-// out[p][q] += Σ_{k0 ≤ k < k1} A[p, k]·B[q, k] for an MP×MQ register tile: MQ rows of B are
-// loaded once per step and reused across MP rows of A (MP·MQ independent FMA chains hide the
-// FMA latency; 4×2 accumulators + 6 operands fit the 16 AVX2 registers).
-template <int MP, int MQ, typename T>
-inline void micro_nt(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t k0, int64_t k1,
-                     acc_t<T> (*out)[2]) {
+// out[p][q] += Σ_{k0 ≤ k < k1} A[p, k]·B[q, k] for an MP×MQ register tile, with U independent
+// accumulators per output so that at least 8 FMA chains are in flight (FMA latency × 2 ports).
+template <int MP, int MQ, int U, typename T>
+inline void micro_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, int64_t k0,
+                     int64_t k1, acc_t<T> (*out)[4]) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
-  V acc[MP][MQ];
-  for (int p = 0; p < MP; ++p)
-    for (int q = 0; q < MQ; ++q) acc[p][q] = V{};
+  V acc[U][MP][MQ];
+  for (int u = 0; u < U; ++u)
+    for (int p = 0; p < MP; ++p)
+      for (int q = 0; q < MQ; ++q) acc[u][p][q] = V{};
   int64_t k = k0;
+  for (; k + U * N <= k1; k += U * N) {
+    for (int u = 0; u < U; ++u) {
+      V b[MQ];
+      for (int q = 0; q < MQ; ++q) b[q] = vload(B + q * ldb + k + u * N);
+      for (int p = 0; p < MP; ++p) {
+        V a = vload(A + p * lda + k + u * N);
+        for (int q = 0; q < MQ; ++q) acc[u][p][q] += a * b[q];
+      }
+    }
+  }
   for (; k + N <= k1; k += N) {
     V b[MQ];
     for (int q = 0; q < MQ; ++q) b[q] = vload(B + q * ldb + k);
     for (int p = 0; p < MP; ++p) {
       V a = vload(A + p * lda + k);
-      for (int q = 0; q < MQ; ++q) acc[p][q] += a * b[q];
+      for (int q = 0; q < MQ; ++q) acc[0][p][q] += a * b[q];
     }
   }
   for (int p = 0; p < MP; ++p)
     for (int q = 0; q < MQ; ++q) {
-      A_t s = hsum(acc[p][q]);
-      for (int64_t kk = k; kk < k1; ++kk) s += to_acc(A[p * lda + kk]) * to_acc(B[q * ldb + kk]);
+      V v = acc[0][p][q];
+      for (int u = 1; u < U; ++u) v += acc[u][p][q];
+      A_t s = hsum(v);
+      for (int64_t kk = k; kk < k1; ++kk) s += A[p * lda + kk] * to_acc(B[q * ldb + kk]);
       out[p][q] += s;
     }
 }
 
-template <int MQ, typename T>
-inline void micro_nt_rows(int mp, const T* A, int64_t lda, const T* B, int64_t ldb, int64_t k0,
-                          int64_t k1, acc_t<T> (*out)[2]) {
-  switch (mp) {
-    case 4: micro_nt<4, MQ>(A, lda, B, ldb, k0, k1, out); break;
-    case 3: micro_nt<3, MQ>(A, lda, B, ldb, k0, k1, out); break;
-    case 2: micro_nt<2, MQ>(A, lda, B, ldb, k0, k1, out); break;
-    default: micro_nt<1, MQ>(A, lda, B, ldb, k0, k1, out); break;
+// Register tile for the rows left: up to 4 rows of A with 2 rows of B (8 chains), or, with at
+// most 2 rows of A (the memory-bound vector case), 4 rows of B so more of W is in flight.
+template <typename T>
+inline void micro_nt_any(int mp, int mq, const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb,
+                         int64_t k0, int64_t k1, acc_t<T> (*out)[4]) {
+#define TORCHMATGRAD_MICRO(P, Q, U)                 \
+  if (mp == P && mq == Q) {                         \
+    micro_nt<P, Q, U>(A, lda, B, ldb, k0, k1, out); \
+    return;                                         \
   }
+  TORCHMATGRAD_MICRO(4, 2, 1)
+  TORCHMATGRAD_MICRO(3, 2, 1)
+  TORCHMATGRAD_MICRO(2, 4, 1)
+  TORCHMATGRAD_MICRO(1, 4, 2)
+  TORCHMATGRAD_MICRO(2, 2, 2)
+  TORCHMATGRAD_MICRO(1, 2, 2)
+  TORCHMATGRAD_MICRO(4, 1, 2)
+  TORCHMATGRAD_MICRO(3, 1, 2)
+  TORCHMATGRAD_MICRO(2, 1, 2)
+  TORCHMATGRAD_MICRO(1, 1, 4)
+  TORCHMATGRAD_MICRO(1, 3, 2)
+  TORCHMATGRAD_MICRO(2, 3, 1)
+#undef TORCHMATGRAD_MICRO
 }
 
 constexpr int64_t kTileP = 64;  // output tile: at most kTileP × kTileQ sums live in `buf`
 constexpr int64_t kTileQ = 64;
-constexpr int64_t kKC = 1024;  // k-block: 4 A rows + 2 B rows of kKC floats (24 KB) stay in L1
+constexpr int64_t kKCMany = 1024;  // many rows: 4 A rows + 2 B rows of kKCMany floats in L1
+constexpr int64_t kKCFew = 256;    // few rows: all (≤ 16) A rows of kKCFew floats stay in L1
 
 // C[p, q] = Σ_k A[p, k]·B[q, k] (+ bias[q]) (+ C[p, q] when accumulate), for one output tile
 // p ∈ [p0, p1), q ∈ [q0, q1) with (p1 - p0) ≤ kTileP and (q1 - q0) ≤ kTileQ.
-// Forward: A = x [B, m], B = W [n, m], C = y [B, n]. With few rows of x (the memory-bound
-// case), the loop over W row pairs is outermost so every W element is loaded from memory once
-// and reused for all rows of x from L1; with many rows, 4 rows of x stay in L1 instead and
-// W rows stream from L2.
+// Forward: A = x [R, m] (widened), B = W [n, m], C = y [R, n]. With few rows of x (the
+// memory-bound case) B rows are the outer loop inside each k-block, so every element of W is
+// loaded from memory once and meets all rows of x from L1; with many rows, 4 rows of x stay in
+// L1 instead and W rows stream from L2.
 template <typename T, typename O>
-void gemm_nt_tile(const T* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
+void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
                   const T* bias, int64_t K, int64_t p0, int64_t p1, int64_t q0, int64_t q1,
                   bool accumulate) {
   using A_t = acc_t<T>;
@@ -201,28 +237,25 @@ void gemm_nt_tile(const T* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_
   const int64_t np = p1 - p0, nq = q1 - q0;
   for (int64_t p = 0; p < np; ++p)
     for (int64_t q = 0; q < nq; ++q) buf[p][q] = A_t(0);
+  const bool few_rows = np <= 16;
+  const int64_t step_p = (few_rows && np <= 2) ? 2 : 4;
+  const int64_t step_q = (few_rows && np <= 2) ? 4 : 2;
   auto run = [&](int64_t p, int64_t q, int64_t k0, int64_t k1) {
-    A_t out[4][2] = {};
-    const int mp = int(std::min<int64_t>(4, np - p));
-    const T* a = A + (p0 + p) * lda;
-    const T* b = B + (q0 + q) * ldb;
-    if (nq - q >= 2)
-      micro_nt_rows<2>(mp, a, lda, b, ldb, k0, k1, out);
-    else
-      micro_nt_rows<1>(mp, a, lda, b, ldb, k0, k1, out);
-    const int mq = int(std::min<int64_t>(2, nq - q));
+    A_t out[4][4] = {};
+    const int mp = int(std::min(step_p, np - p)), mq = int(std::min(step_q, nq - q));
+    micro_nt_any<T>(mp, mq, A + (p0 + p) * lda, lda, B + (q0 + q) * ldb, ldb, k0, k1, out);
     for (int i = 0; i < mp; ++i)
       for (int j = 0; j < mq; ++j) buf[p + i][q + j] += out[i][j];
   };
-  const bool few_rows = np <= 16;
-  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-    const int64_t k1 = std::min(K, k0 + kKC);
+  const int64_t kc = few_rows ? kKCFew : kKCMany;
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t k1 = std::min(K, k0 + kc);
     if (few_rows) {
-      for (int64_t q = 0; q < nq; q += 2)
-        for (int64_t p = 0; p < np; p += 4) run(p, q, k0, k1);
+      for (int64_t q = 0; q < nq; q += step_q)
+        for (int64_t p = 0; p < np; p += step_p) run(p, q, k0, k1);
     } else {
-      for (int64_t p = 0; p < np; p += 4)
-        for (int64_t q = 0; q < nq; q += 2) run(p, q, k0, k1);
+      for (int64_t p = 0; p < np; p += step_p)
+        for (int64_t q = 0; q < nq; q += step_q) run(p, q, k0, k1);
     }
   }
   for (int64_t p = 0; p < np; ++p) {
@@ -341,8 +374,8 @@ void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t
 
 // Explicit instantiations: the launcher takes their addresses per instruction set.
 #define TORCHMATGRAD_INSTANTIATE(T, O)                                                            \
-  template void gemm_nt_tile<T, O>(const T*, int64_t, const T*, int64_t, O*, int64_t, const T*,   \
-                                   int64_t, int64_t, int64_t, int64_t, int64_t, bool);            \
+  template void gemm_nt_tile<T, O>(const acc_t<T>*, int64_t, const T*, int64_t, O*, int64_t,      \
+                                   const T*, int64_t, int64_t, int64_t, int64_t, int64_t, bool);  \
   template void backward_rows<T, O>(const acc_t<T>*, int64_t, const acc_t<T>*, const T*, int64_t, \
                                     int64_t, int64_t, O*, int64_t, bool, acc_t<T>*, int64_t,      \
                                     int64_t);

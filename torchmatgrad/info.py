@@ -1,0 +1,186 @@
+"""What this torchmatgrad build can do on this machine: ``python -m torchmatgrad info``.
+
+Versions, whether CUDA kernels were compiled, the visible devices, which ops have kernels for
+which dispatch keys, the CPU instruction set the kernels use, and which kernel path each batch
+size takes (:func:`dispatch_path`, also used by the benchmark to label its rows).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+
+# ---- the dispatch table: keep in step with csrc/ (edit here when kernels change) -----------
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """One kernel path: taken when rows R ≤ ``max_rows`` (None: any R above the previous)."""
+
+    max_rows: int | None
+    name: str
+    forward: str
+    backward: str
+
+
+#: Rows R = input.numel() / in_features. The CPU threshold is kFewRows in csrc/ops.h.
+DISPATCH: dict[str, tuple[KernelPath, ...]] = {
+    "cpu": (
+        KernelPath(
+            16,
+            "cpu:few-rows",
+            "one pass over W (k-blocks of 256, ≤ 16 rows of x in L1, 4 W rows at a time)",
+            "fused: grad_input and grad_weight in one pass over W (per-thread grad_input partials)",
+        ),
+        KernelPath(
+            None,
+            "cpu:tiled",
+            "tiled GEMM (64×64 tiles, k-block 1024, 4×2 register tile)",
+            "two tiled GEMMs (grad_W on Gᵀ, Xᵀ; grad_input on G, Wᵀ: one W-sized copy)",
+        ),
+    ),
+    "cuda": (
+        KernelPath(16, "cuda:gemv", "R ≤ 16, W read once", "R ≤ 16, W read once"),
+        KernelPath(None, "cuda:tiled", "tiled", "tiled"),
+    ),
+}
+
+OPS = ("linear", "linear_backward", "linear_backward_accumulate_")
+DISPATCH_KEYS = ("CPU", "CUDA", "Autograd")
+
+
+def _kernel_path(device_type: str, rows: int) -> KernelPath:
+    paths = DISPATCH.get(device_type)
+    if paths is None:
+        raise ValueError(f"no torchmatgrad kernels for device type {device_type!r}")
+    for p in paths:
+        if p.max_rows is None or rows <= p.max_rows:
+            return p
+    return paths[-1]
+
+
+def dispatch_path(device_type: str, rows: int, dtype: torch.dtype | None = None) -> str:
+    """The name of the kernel path torchmatgrad takes for ``rows`` rows of input on
+    ``device_type`` ("cpu" or "cuda"), e.g. "cpu:few-rows" or "cuda:tiled".
+
+    ``dtype`` is accepted for paths that will depend on it; today none does.
+    """
+    del dtype
+    return _kernel_path(str(device_type).split(":")[0], rows).name
+
+
+# ---- machine facts -------------------------------------------------------------------------
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor()."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "?"
+
+
+def cpu_isa() -> str:
+    """The instruction set torchmatgrad's CPU kernels run with: "AVX2+FMA+F16C" when the CPU
+    has all three (the kernels check at run time), else "baseline"."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "i686", "i386"):
+        return f"baseline ({machine or 'unknown'}, not x86)"
+    flags = _cpuinfo_field("flags")
+    if flags is None:
+        return "baseline (CPU flags not readable)"
+    have = set(flags.split())
+    if {"avx2", "fma", "f16c"} <= have:
+        return "AVX2+FMA+F16C"
+    return "baseline (no " + "/".join(f for f in ("avx2", "fma", "f16c") if f not in have) + ")"
+
+
+def has_kernel(op: str, key: str) -> bool | None:
+    """Whether ``torchmatgrad::<op>`` has a kernel registered for dispatch key ``key``
+    (None if torch cannot say)."""
+    fn = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    if fn is None:
+        return None
+    try:
+        return bool(fn(f"torchmatgrad::{op}", key))
+    except RuntimeError:
+        return None
+
+
+def info_text() -> str:
+    """A human-readable report of the build, the devices and the kernel dispatch."""
+    import torchmatgrad
+
+    c = torchmatgrad._C
+    with_cuda = int(getattr(c, "with_cuda", 0))
+    archs = str(getattr(c, "cuda_arch_list", ""))
+    cuda_line = f"yes (archs {archs or '?'})" if with_cuda else "no (CPU-only build)"
+    if with_cuda and has_kernel("linear", "CUDA") is False:
+        cuda_line += ", but no CUDA kernel is registered for linear"
+    lines = [
+        f"torchmatgrad {torchmatgrad.__version__} ({os.path.dirname(torchmatgrad.__file__)})",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
+        f"Python {platform.python_version()} on {sys.platform}",
+        f"CUDA kernels compiled: {cuda_line}",
+        "",
+        "Devices:",
+        f"  cpu: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
+        f"{torch.get_num_threads()}, kernels use {cpu_isa()}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(
+                f"  cuda:{i}: {p.name}, capability {p.major}.{p.minor}, "
+                f"{p.total_memory / 2**30:.0f} GiB"
+            )
+    else:
+        lines.append("  cuda: none visible")
+
+    lines += ["", "Kernels registered (op: " + ", ".join(DISPATCH_KEYS) + "):"]
+    width = max(len(op) for op in OPS)
+    for op in OPS:
+        marks = []
+        for key in DISPATCH_KEYS:
+            h = has_kernel(op, key)
+            marks.append(f"{key} {'yes' if h else '?' if h is None else 'no'}")
+        lines.append(f"  {op:<{width}}  " + ", ".join(marks))
+
+    lines += ["", "Dispatch (R = rows of input):"]
+    for paths in DISPATCH.values():
+        lo = 0
+        for p in paths:
+            cond = f"R ≤ {p.max_rows}" if p.max_rows is not None else f"R > {lo}"
+            lines.append(f"  {p.name:<13} {cond:<8} forward:  {p.forward}")
+            lines.append(f"  {'':<13} {'':<8} backward: {p.backward}")
+            lo = p.max_rows if p.max_rows is not None else lo
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print :func:`info_text` (``python -m torchmatgrad info``). Takes no options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m torchmatgrad info", description=__doc__.splitlines()[0]
+    )
+    parser.parse_args(argv)
+    print(info_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
