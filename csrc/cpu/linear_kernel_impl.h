@@ -138,6 +138,21 @@ inline void vstore<f16_t>(f16_t* p, f32v v) {
 #endif
 }
 
+// A store of a result nobody reads soon (grad_W): non-temporal where possible, so the cache
+// lines are not read from memory first (saves one of three passes over grad_W).
+template <typename O>
+inline void vstore_stream(O* p, typename VecOf<acc_t<O>>::type v) {
+#ifdef TORCHMATGRAD_F16C
+  if constexpr (std::is_same_v<O, float>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_ps(p, v);
+      return;
+    }
+  }
+#endif
+  vstore(p, v);
+}
+
 template <typename V>
 inline auto hsum(V v) {
   auto s = v[0];
@@ -247,7 +262,9 @@ void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C,
     for (int i = 0; i < mp; ++i)
       for (int j = 0; j < mq; ++j) buf[p + i][q + j] += out[i][j];
   };
-  const int64_t kc = few_rows ? kKCFew : kKCMany;
+  // One or a few rows of x: no k-blocking, so each W row streams start to end (the hardware
+  // prefetcher follows 4 long streams better than 16 short ones).
+  const int64_t kc = np <= 4 ? std::max<int64_t>(K, 1) : (few_rows ? kKCFew : kKCMany);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t k1 = std::min(K, k0 + kc);
     if (few_rows) {
@@ -307,8 +324,12 @@ inline void backward_rows_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X,
     if (GW)
       for (int a = 0; a < JR; ++a) {
         O* dst = gw + (j + a) * ldgw + k;
-        if (accumulate) acc[a] += vload(dst);
-        vstore(dst, acc[a]);
+        if (accumulate) {
+          acc[a] += vload(dst);
+          vstore(dst, acc[a]);
+        } else {
+          vstore_stream(dst, acc[a]);
+        }
       }
   }
   for (; k < m; ++k) {
