@@ -286,17 +286,62 @@ void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C,
   }
 }
 
-// ---- fused backward for few rows ----------------------------------------------------------
+// ---- backward for few rows -----------------------------------------------------------------
+//
+// For the W rows j ∈ [j0, j1) of one chunk, with R ≤ 16 rows of G [R, n] and X [R, m] (both
+// widened, contiguous):
+//   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]    written once, never read (streaming stores)
+//   gi[r, :]      +=    Σ_j G[r, j]·W[j, :]    W read once; gi is this chunk's float partial
+// Two sweeps over the chunk, each with its own register tile: grad_W keeps 4 rows × 2 vectors
+// of sums in registers while the (cached) rows of X stream past; gi keeps 8 rows of W in
+// registers and updates each cached row of gi once per 8 of them.
 
-// For W rows j ∈ [j0, j1), in one pass over those rows of W:
-//   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]          (written once, when GW)
-//   gi[r, :]      +=    Σ_j G[r, j]·W[j, :]          (a per-chunk float partial, when GI)
-// G [R, n] and X [R, m] are contiguous in the accumulation type; R ≤ 16. Four W rows are
-// processed together so each loaded vector of X or gi feeds four FMAs.
-template <int JR, bool GW, bool GI, typename T, typename O>
-inline void backward_rows_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W,
-                                int64_t ldw, int64_t R, int64_t m, O* gw, int64_t ldgw,
-                                bool accumulate, acc_t<T>* gi, int64_t j) {
+template <int JR, typename T, typename O>
+inline void grad_weight_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X, int64_t R, int64_t m,
+                              O* gw, int64_t ldgw, bool accumulate, int64_t j) {
+  using A_t = acc_t<T>;
+  using V = typename VecOf<A_t>::type;
+  constexpr int64_t N = VecOf<A_t>::lanes;
+  A_t g[16][JR];
+  for (int64_t r = 0; r < R; ++r)
+    for (int a = 0; a < JR; ++a) g[r][a] = G[r * n + j + a];
+  auto finish = [&](O* dst, V v) {
+    if (accumulate) {
+      v += vload(dst);
+      vstore(dst, v);
+    } else {
+      vstore_stream(dst, v);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 2 * N <= m; k += 2 * N) {
+    V acc[JR][2];
+    for (int a = 0; a < JR; ++a) acc[a][0] = acc[a][1] = V{};
+    for (int64_t r = 0; r < R; ++r) {
+      const V x0 = vload(X + r * m + k), x1 = vload(X + r * m + k + N);
+      for (int a = 0; a < JR; ++a) {
+        acc[a][0] += g[r][a] * x0;
+        acc[a][1] += g[r][a] * x1;
+      }
+    }
+    for (int a = 0; a < JR; ++a) {
+      finish(gw + (j + a) * ldgw + k, acc[a][0]);
+      finish(gw + (j + a) * ldgw + k + N, acc[a][1]);
+    }
+  }
+  for (; k < m; ++k) {
+    for (int a = 0; a < JR; ++a) {
+      A_t s = 0;
+      for (int64_t r = 0; r < R; ++r) s += g[r][a] * X[r * m + k];
+      O* dst = gw + (j + a) * ldgw + k;
+      dst[0] = from_acc<O>(accumulate ? s + to_acc(dst[0]) : s);
+    }
+  }
+}
+
+template <int JR, typename T>
+inline void grad_input_group(const acc_t<T>* G, int64_t n, const T* W, int64_t ldw, int64_t R,
+                             int64_t m, acc_t<T>* gi, int64_t j) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
@@ -306,69 +351,32 @@ inline void backward_rows_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X,
   int64_t k = 0;
   for (; k + N <= m; k += N) {
     V w[JR];
-    if (GI)
-      for (int a = 0; a < JR; ++a) w[a] = vload(W + (j + a) * ldw + k);
-    V acc[JR];
-    for (int a = 0; a < JR; ++a) acc[a] = V{};
+    for (int a = 0; a < JR; ++a) w[a] = vload(W + (j + a) * ldw + k);
     for (int64_t r = 0; r < R; ++r) {
-      if (GW) {
-        V x = vload(X + r * m + k);
-        for (int a = 0; a < JR; ++a) acc[a] += g[r][a] * x;
-      }
-      if (GI) {
-        V t = vload(gi + r * m + k);
-        for (int a = 0; a < JR; ++a) t += g[r][a] * w[a];
-        vstore(gi + r * m + k, t);
-      }
+      V t = vload(gi + r * m + k);
+      for (int a = 0; a < JR; ++a) t += g[r][a] * w[a];
+      vstore(gi + r * m + k, t);
     }
-    if (GW)
-      for (int a = 0; a < JR; ++a) {
-        O* dst = gw + (j + a) * ldgw + k;
-        if (accumulate) {
-          acc[a] += vload(dst);
-          vstore(dst, acc[a]);
-        } else {
-          vstore_stream(dst, acc[a]);
-        }
-      }
   }
-  for (; k < m; ++k) {
-    A_t acc[JR] = {};
-    for (int64_t r = 0; r < R; ++r) {
-      for (int a = 0; a < JR; ++a) {
-        if (GW) acc[a] += g[r][a] * X[r * m + k];
-        if (GI) gi[r * m + k] += g[r][a] * to_acc(W[(j + a) * ldw + k]);
-      }
-    }
-    if (GW)
-      for (int a = 0; a < JR; ++a) {
-        O* dst = gw + (j + a) * ldgw + k;
-        dst[0] = from_acc<O>(accumulate ? acc[a] + to_acc(dst[0]) : acc[a]);
-      }
-  }
-}
-
-template <bool GW, bool GI, typename T, typename O>
-void backward_rows_impl(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
-                        int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate, acc_t<T>* gi,
-                        int64_t j0, int64_t j1) {
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4)
-    backward_rows_group<4, GW, GI>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j);
-  for (; j < j1; ++j)
-    backward_rows_group<1, GW, GI>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j);
+  for (; k < m; ++k)
+    for (int64_t r = 0; r < R; ++r)
+      for (int a = 0; a < JR; ++a) gi[r * m + k] += g[r][a] * to_acc(W[(j + a) * ldw + k]);
 }
 
 template <typename T, typename O>
 void backward_rows(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
                    int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate, acc_t<T>* gi,
                    int64_t j0, int64_t j1) {
-  if (gw && gi)
-    backward_rows_impl<true, true>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j0, j1);
-  else if (gw)
-    backward_rows_impl<true, false>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j0, j1);
-  else if (gi)
-    backward_rows_impl<false, true>(G, n, X, W, ldw, R, m, gw, ldgw, accumulate, gi, j0, j1);
+  if (gw) {
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) grad_weight_group<4, T>(G, n, X, R, m, gw, ldgw, accumulate, j);
+    for (; j < j1; ++j) grad_weight_group<1, T>(G, n, X, R, m, gw, ldgw, accumulate, j);
+  }
+  if (gi) {
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) grad_input_group<8>(G, n, W, ldw, R, m, gi, j);
+    for (; j < j1; ++j) grad_input_group<1>(G, n, W, ldw, R, m, gi, j);
+  }
 }
 
 // out[q] = Σ_{r} G[r, q] for q ∈ [q0, q1): the bias gradient, summed in row order.
