@@ -1,4 +1,4 @@
-"""torchmatgrad.nn.Linear under DistributedDataParallel (gloo, 2 processes on loopback).
+"""torchmatgrad.nn.Linear under DistributedDataParallel and FSDP2 (gloo, 2 processes, loopback).
 
 The test starts its own two processes, bounded in time; each compares the same model built with
 torch.nn.Linear and with torchmatgrad.nn.Linear after a few steps, with and without fused
@@ -79,11 +79,45 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
             dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_matches_nn_linear(tmp_path):
+def _fsdp_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    import torchmatgrad
+
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
+        torch.manual_seed(100 + rank)
+        data = [torch.randn(4, 6) for _ in range(3)]
+        results = []
+        for cls in (torch.nn.Linear, torchmatgrad.nn.Linear):
+            model = _model(cls)
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for x in data:
+                opt.zero_grad()
+                model(x).square().sum().backward()
+                opt.step()
+            results.append([p.full_tensor().detach().clone() for p in model.parameters()])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b)
+        open(os.path.join(result_dir, f"ok{rank}"), "w").close()
+    except Exception:
+        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_two(worker, tmp_path) -> None:
     world, port = 2, _free_port()
     ctx = mp.start_processes(
-        _worker, args=(world, port, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+        worker, args=(world, port, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
     )
     import time
 
@@ -96,3 +130,13 @@ def test_ddp_matches_nn_linear(tmp_path):
     errors = [p.read_text() for p in sorted(tmp_path.glob("err*"))]
     assert not errors, "\n".join(errors)
     assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_matches_nn_linear(tmp_path):
+    _run_two(_worker, tmp_path)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_matches_nn_linear(tmp_path):
+    _run_two(_fsdp_worker, tmp_path)
