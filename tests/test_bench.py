@@ -108,7 +108,7 @@ def test_dispatch_path():
     assert info.dispatch_path("cpu", 1) == "cpu:few-rows"
     assert info.dispatch_path("cpu", 16) == "cpu:few-rows"
     assert info.dispatch_path("cpu", 17) == "cpu:tiled"
-    assert info.dispatch_path("cuda", 16, torch.bfloat16) == "cuda:gemv"
+    assert info.dispatch_path("cuda", 16, torch.bfloat16) == "cuda:few-rows"
     assert info.dispatch_path("cuda:0", 4096) == "cuda:tiled"
 
 

@@ -34,7 +34,8 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             16,
             "cpu:few-rows",
             "one pass over W (k-blocks of 256, ≤ 16 rows of x in L1, 4 W rows at a time)",
-            "fused: grad_input and grad_weight in one pass over W (per-thread grad_input partials)",
+            "W read once for grad_input (per-thread partials, summed in order), grad_W written "
+            "once (streaming stores)",
         ),
         KernelPath(
             None,
@@ -44,8 +45,19 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
         ),
     ),
     "cuda": (
-        KernelPath(16, "cuda:gemv", "R ≤ 16, W read once", "R ≤ 16, W read once"),
-        KernelPath(None, "cuda:tiled", "tiled", "tiled"),
+        KernelPath(
+            16,
+            "cuda:few-rows",
+            "W read once: 16 W rows per block, 4 per thread, 8 lanes × 16 B per row, bias fused",
+            "one pass over W: grad_W written once, grad_input row-chunk partials summed in "
+            "order, grad_bias fused",
+        ),
+        KernelPath(
+            None,
+            "cuda:tiled",
+            "hand-written CUDA-core GEMM (128² or 64² tiles, k-slices of 8, double-buffered)",
+            "the same tiled GEMM reading G, X, W in place; column-sum kernel for grad_bias",
+        ),
     ),
 }
 

@@ -1,0 +1,416 @@
+"""The CUDA kernels: agreement with the CPU kernels and float64 references on every path
+(few rows / tiled GEMM, vector / scalar loads), layouts, streams, devices, determinism,
+CUDA graphs, memory use, empty and very large tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import poison_allocator, rand
+
+import torchmatgrad
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+
+ops = torch.ops.torchmatgrad
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f64", "f32", "bf16", "f16"]
+# R ≤ 16: the few-rows kernels (RMAX 1, 4, 16); R > 16: the tiled GEMM.
+ROWS = [1, 3, 16, 17, 100]
+# m = 64: 16-byte loads; m = 67: scalar loads (rows not 16-byte aligned).
+SHAPES = [(33, 64), (45, 67)]
+
+
+def _err(t: torch.Tensor, ref: torch.Tensor) -> float:
+    return (t.double().cpu() - ref.double().cpu()).abs().max().item() if ref.numel() else 0.0
+
+
+def assert_agrees(ours, ref, *peers, k: int, what: str = "") -> None:
+    """ours (CUDA kernel) against the float64 reference `ref`. float32/64: within a rounding
+    bound for a k-term sum. 16-bit: at most about twice the error of the peers (the CPU kernel,
+    torch) in the same dtype, plus one unit of rounding at the largest value."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    ours64 = ours.double().cpu()
+    assert torch.isfinite(ours64).all(), f"{what}: non-finite values (unwritten output?)"
+    scale = max(1.0, ref.abs().max().item())
+    err = _err(ours, ref)
+    if ours.dtype in (torch.float64, torch.float32):
+        bound = 16 * torch.finfo(ours.dtype).eps * scale * max(1.0, math.sqrt(k))
+    else:
+        bound = 2 * max(_err(p, ref) for p in peers) + torch.finfo(ours.dtype).eps * scale
+    assert err <= bound, f"{what}: max abs error {err:.3g} > bound {bound:.3g}"
+
+
+def references(g, x, w, b):
+    """float64 forward and backward results for G [R, n], X [R, m], W [n, m]."""
+    g64, x64, w64 = g.double(), x.double(), w.double()
+    y = F.linear(x64, w64, None if b is None else b.double())
+    return y, g64 @ w64, g64.t() @ x64, g64.sum(0)
+
+
+def run_all(g, x, w, b, gw0):
+    """All three ops on (g, x, w, b); accumulate into a copy of gw0."""
+    y = ops.linear(x, w, b)
+    gi, gw, gb = ops.linear_backward(g, x, w, [True, True, True])
+    acc = gw0.clone()
+    agi, agb = ops.linear_backward_accumulate_(g, x, w, acc, [True, True])
+    return y, gi, gw, gb, acc, agi, agb
+
+
+# ---- CPU and CUDA agree -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n,m", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_cpu(dtype, rows, n, m, bias):
+    x, w, g = rand(rows, m, dtype=dtype), rand(n, m, dtype=dtype), rand(rows, n, dtype=dtype)
+    b = rand(n, dtype=dtype) if bias else None
+    gw0 = rand(n, m, dtype=dtype)
+    cpu = run_all(g, x, w, b, gw0)
+    poison_allocator((n, m), dtype, "cuda")
+    cuda = run_all(*(t.cuda() if t is not None else None for t in (g, x, w, b, gw0)))
+    y, gi, gw, gb = references(g, x, w, b)
+    torch_y = F.linear(x.cuda(), w.cuda(), None if b is None else b.cuda())
+    names = ["forward", "grad_input", "grad_weight", "grad_bias"]
+    for name, ours, peer, ref, k in zip(
+        names, cuda[:4], cpu[:4], (y, gi, gw, gb), (m, n, rows, rows), strict=True
+    ):
+        assert ours.device.type == "cuda" and ours.dtype == dtype
+        assert_agrees(ours, ref, peer, *([torch_y] if name == "forward" else []), k=k, what=name)
+    assert_agrees(cuda[4], gw0.double() + gw, cpu[4], k=rows + 1, what="accumulated grad_weight")
+    assert_agrees(cuda[5], gi, cpu[5], k=n, what="accumulate's grad_input")
+    assert_agrees(cuda[6], gb, cpu[6], k=rows, what="accumulate's grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n,m", SHAPES, ids=str)
+def test_fp32_master_grad(dtype, rows, n, m):
+    x, w, g = rand(rows, m, dtype=dtype), rand(n, m, dtype=dtype), rand(rows, n, dtype=dtype)
+    gw0 = rand(n, m, dtype=torch.float32)
+    acc_cpu = gw0.clone()
+    ops.linear_backward_accumulate_(g, x, w, acc_cpu, [False, False])
+    acc = gw0.to("cuda", copy=True)
+    gi, gb = ops.linear_backward_accumulate_(g.cuda(), x.cuda(), w.cuda(), acc, [False, False])
+    assert gi is None and gb is None and acc.dtype == torch.float32
+    ref = gw0.double() + g.double().t() @ x.double()
+    # float32 accumulation of 16-bit products: a float32 rounding bound.
+    assert_agrees(acc, ref, acc_cpu, k=rows + 1, what="fp32 master grad")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [True, False, False],
+        [False, True, False],
+        [False, False, True],
+        [True, False, True],
+        [False, True, True],
+        [True, True, False],
+    ],
+    ids=str,
+)
+def test_backward_mask(rows, mask):
+    x, w, g = (
+        rand(rows, 70, device="cuda"),
+        rand(37, 70, device="cuda"),
+        rand(rows, 37, device="cuda"),
+    )
+    out = ops.linear_backward(g, x, w, mask)
+    _, gi, gw, gb = references(g, x, w, None)
+    for want, got, ref, k in zip(mask, out, (gi, gw, gb), (37, rows, rows), strict=True):
+        if want:
+            assert_agrees(got, ref, k=k)
+        else:
+            assert got is None
+    acc = rand(37, 70, device="cuda")
+    before = acc.clone()
+    agi, agb = ops.linear_backward_accumulate_(g, x, w, acc, [mask[0], mask[2]])
+    assert (agi is None) != mask[0] and (agb is None) != mask[2]
+    assert_agrees(acc, before.double() + gw, k=rows + 1)
+
+
+# Shapes large enough for the 128² GEMM tiles (at least 2 tiles per multiprocessor) on the
+# forward / grad_input (first) and grad_weight (second); m = 2050 takes the scalar loads.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("rows,n,m", [(4096, 1152, 2048), (300, 2304, 2050)], ids=str)
+def test_large_gemm_tiles(dtype, rows, n, m):
+    dev = "cuda"
+    x, w, g = (
+        rand(rows, m, device=dev, dtype=dtype),
+        rand(n, m, device=dev, dtype=dtype),
+        rand(rows, n, device=dev, dtype=dtype),
+    )
+    b = rand(n, device=dev, dtype=dtype)
+    y = ops.linear(x, w, b)
+    gi, gw, gb = ops.linear_backward(g, x, w, [True, True, True])
+    ry, rgi, rgw, rgb = references(g, x, w, b)
+    assert_agrees(y, ry, F.linear(x, w, b), k=m, what="forward")
+    assert_agrees(gi, rgi, g @ w, k=n, what="grad_input")
+    assert_agrees(gw, rgw, g.t() @ x, k=rows, what="grad_weight")
+    assert_agrees(gb, rgb, g.sum(0), k=rows, what="grad_bias")
+
+
+# ---- layouts ------------------------------------------------------------------------------
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose storage starts one element past an aligned address."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    v = buf[1 : 1 + t.numel()].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_unaligned_pointers(dtype, rows):
+    n, m = 24, 64  # rows 16-byte multiples: only the base pointers are misaligned
+    x, w, g = (rand(*s, device="cuda", dtype=dtype) for s in ((rows, m), (n, m), (rows, n)))
+    b = rand(n, device="cuda", dtype=dtype)
+    gw0 = rand(n, m, device="cuda", dtype=dtype)
+    xs, ws, gs, bs, gw0s = (_misaligned(t) for t in (x, w, g, b, gw0))
+    assert ws.data_ptr() % 16 != 0 and ws.is_contiguous()
+    aligned = run_all(g, x, w, b, gw0)  # 16-byte loads
+    shifted = run_all(gs, xs, ws, bs, gw0s)  # the scalar-load fallback
+    y, gi, gw, gb = references(g, x, w, b)
+    refs = (y, gi, gw, gb, gw0.double() + gw, gi, gb)
+    for name, got, peer, ref, k in zip(
+        [
+            "forward",
+            "grad_input",
+            "grad_weight",
+            "grad_bias",
+            "accumulated",
+            "acc grad_input",
+            "acc grad_bias",
+        ],
+        shifted,
+        aligned,
+        refs,
+        (m, n, rows, rows, rows + 1, n, rows),
+        strict=True,
+    ):
+        assert_agrees(got, ref, peer, k=k, what=name)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_non_contiguous(rows, dtype):
+    n, m = 40, 72
+    dev = "cuda"
+    w = rand(m, n, device=dev, dtype=dtype).t()  # transposed
+    x = rand(rows, 2 * m, device=dev, dtype=dtype)[:, ::2]  # strided columns
+    g = rand(rows, 2 * n, device=dev, dtype=dtype)[:, ::2]
+    b = rand(2 * n, device=dev, dtype=dtype)[::2]
+    assert not (w.is_contiguous() or x.is_contiguous() or g.is_contiguous() or b.is_contiguous())
+    y = ops.linear(x, w, b)
+    gi, gw, gb = ops.linear_backward(g, x, w, [True, True, True])
+    acc = torch.zeros(n, m, device=dev, dtype=dtype)
+    ops.linear_backward_accumulate_(g, x, w, acc, [False, False])
+    ry, rgi, rgw, rgb = references(g, x, w, b)
+    assert_agrees(y, ry, F.linear(x, w, b), k=m, what="forward")
+    assert_agrees(gi, rgi, g @ w, k=n, what="grad_input")
+    assert_agrees(gw, rgw, g.t() @ x, k=rows, what="grad_weight")
+    assert_agrees(gb, rgb, g.sum(0), k=rows, what="grad_bias")
+    assert_agrees(acc, rgw, g.t() @ x, k=rows, what="accumulated grad_weight")
+
+
+def test_batched_input_shapes():
+    x = rand(2, 3, 5, 40, device="cuda")
+    w, b = rand(24, 40, device="cuda"), rand(24, device="cuda")
+    y = torchmatgrad.linear(x, w, b)
+    assert y.shape == (2, 3, 5, 24)
+    assert_agrees(y, F.linear(x.double(), w.double(), b.double()), k=40)
+    g = rand(2, 3, 5, 24, device="cuda")
+    gi, gw, gb = ops.linear_backward(g, x, w, [True, True, True])
+    assert gi.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+
+
+# ---- streams, devices, determinism, graphs ------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 16, 100])
+def test_side_stream(rows):
+    n, m = 256, 512
+    x, w, g = rand(rows, m, device="cuda"), rand(n, m, device="cuda"), rand(rows, n, device="cuda")
+    gw0 = rand(n, m, device="cuda")
+    expected = run_all(g, x, w, None, gw0)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        # A long matmul queued first on the same stream: results are read only after it.
+        big = torch.randn(2048, 2048, device="cuda")
+        for _ in range(4):
+            big = big @ big / 64
+        got = run_all(g, x, w, None, gw0)
+    s.synchronize()
+    for e, o in zip(expected, got, strict=True):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("rows", [1, 100])
+def test_second_device(rows):
+    n, m = 48, 80
+    x, w, g, b = rand(rows, m), rand(n, m), rand(rows, n), rand(n)
+    gw0 = rand(n, m)
+    cpu = run_all(g, x, w, b, gw0)
+    assert torch.cuda.current_device() == 0
+    on1 = run_all(*(t.to("cuda:1") for t in (g, x, w, b, gw0)))
+    for c, o in zip(cpu, on1, strict=True):
+        assert o.device == torch.device("cuda:1")
+        torch.testing.assert_close(o.cpu(), c, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bitwise_deterministic(rows, dtype):
+    n, m = 768, 1024
+    x, w, g, b = (
+        rand(*s, device="cuda", dtype=dtype) for s in ((rows, m), (n, m), (rows, n), (n,))
+    )
+    gw0 = rand(n, m, device="cuda", dtype=dtype)
+    first = run_all(g, x, w, b, gw0)
+    for _ in range(20):
+        again = run_all(g, x, w, b, gw0)
+        for a, f in zip(again, first, strict=True):
+            assert torch.equal(a, f)
+
+
+def test_compile_reduce_overhead_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchmatgrad.nn.Linear(64, 128), torch.nn.ReLU(), torchmatgrad.nn.Linear(128, 32)
+    ).cuda()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    for rows in (4, 4, 4, 40, 40, 40):  # repeated shapes replay the captured CUDA graph
+        x = rand(rows, 64, device="cuda")
+        with torch.no_grad():
+            eager = model(x)
+            got = compiled(x).clone()
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_reduce_overhead_training_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchmatgrad.nn.Linear(64, 96), torch.nn.Tanh(), torchmatgrad.nn.Linear(96, 8)
+    ).cuda()
+    ref = torch.nn.Sequential(
+        torchmatgrad.nn.Linear(64, 96), torch.nn.Tanh(), torchmatgrad.nn.Linear(96, 8)
+    ).cuda()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, mode="reduce-overhead")
+    for _ in range(3):
+        x = rand(8, 64, device="cuda")
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        compiled(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---- memory, empty, large -----------------------------------------------------------------
+
+
+def test_backward_allocates_only_grad_weight():
+    n = m = 4096
+    w = rand(n, m, device="cuda", requires_grad=True)
+    x = rand(1, m, device="cuda", requires_grad=True)
+    y = torchmatgrad.linear(x, w)
+    g = rand(1, n, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y.backward(g)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    w_bytes = w.numel() * w.element_size()
+    assert extra < 1.5 * w_bytes, (
+        f"backward allocated {extra / 2**20:.1f} MiB; W is {w_bytes / 2**20:.1f} MiB"
+    )
+    assert_agrees(w.grad, g.double().t() @ x.double(), k=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "rows,n,m", [(0, 5, 7), (3, 0, 7), (3, 5, 0), (0, 0, 0), (20, 5, 0)], ids=str
+)
+def test_empty(dtype, rows, n, m):
+    x, w, g, b = (
+        rand(rows, m, dtype=dtype),
+        rand(n, m, dtype=dtype),
+        rand(rows, n, dtype=dtype),
+        rand(n, dtype=dtype),
+    )
+    cuda_args = [t.cuda() for t in (x, w, g, b)]
+    xc, wc, gc, bc = cuda_args
+    y = ops.linear(xc, wc, bc)
+    assert y.shape == (rows, n) and y.device.type == "cuda"
+    torch.testing.assert_close(y.cpu(), ops.linear(x, w, b))
+    gi, gw, gb = ops.linear_backward(gc, xc, wc, [True, True, True])
+    for c, ref in zip((gi, gw, gb), ops.linear_backward(g, x, w, [True, True, True]), strict=True):
+        assert c.shape == ref.shape
+        torch.testing.assert_close(c.cpu(), ref)  # zeros where the sum is empty
+    acc = rand(n, m, device="cuda", dtype=dtype)
+    before = acc.clone()
+    ops.linear_backward_accumulate_(gc, xc, wc, acc, [True, True])
+    if rows == 0:
+        assert torch.equal(acc, before)  # nothing to add: untouched
+
+
+def test_empty_batch_autograd():
+    lin = torchmatgrad.nn.Linear(16, 8).cuda()
+    x = rand(0, 16, device="cuda", requires_grad=True)
+    lin(x).sum().backward()
+    assert torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
+    assert torch.equal(lin.bias.grad, torch.zeros_like(lin.bias))
+    assert x.grad.shape == (0, 16)
+
+
+def _big_enough(gb: float) -> bool:
+    return torch.cuda.get_device_properties(0).total_memory >= gb * 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not _big_enough(24), reason="needs a GPU with 24 GB of memory"
+)
+@pytest.mark.parametrize("m", [32769, 32776], ids=["scalar", "vector"])
+@pytest.mark.parametrize("rows", [1, 17])
+def test_over_2_31_elements(m, rows):
+    n, dtype, dev = 65536, torch.bfloat16, "cuda"
+    torch.cuda.empty_cache()
+    w = torch.randn(n, m, device=dev, dtype=dtype)
+    assert w.numel() > 2**31
+    x, g = rand(rows, m, device=dev, dtype=dtype), rand(rows, n, device=dev, dtype=dtype)
+    y = ops.linear(x, w)
+    gi, gw, _ = ops.linear_backward(g, x, w, [True, True, False])
+    x64, g64 = x.double(), g.double()
+    for lo, hi in ((0, 64), (n - 64, n)):  # offsets below and far above 2^31
+        w64 = w[lo:hi].double()
+        assert_agrees(y[:, lo:hi], x64 @ w64.t(), x @ w[lo:hi].t(), k=m, what=f"y[:, {lo}:{hi}]")
+        assert_agrees(
+            gw[lo:hi],
+            g64[:, lo:hi].t() @ x64,
+            g[:, lo:hi].t() @ x,
+            k=rows,
+            what=f"grad_weight[{lo}:{hi}]",
+        )
+    ref_gi = torch.zeros(rows, m, device=dev, dtype=torch.float64)
+    for lo in range(0, n, 4096):
+        ref_gi += g64[:, lo : lo + 4096] @ w[lo : lo + 4096].double()
+    assert_agrees(gi, ref_gi, g @ w, k=n, what="grad_input")
+    del w, gw
+    torch.cuda.empty_cache()
