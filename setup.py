@@ -90,7 +90,9 @@ def get_extensions():
     with_cuda, why = _want_cuda()
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -ffp-contract=fast lets the compiler fuse a*b+c into FMA in the CPU kernels.
-    cxx += ["-ffp-contract=fast", "-Wno-psabi"]
+    # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel` (torch's CPU
+    # build uses OpenMP); without the flag it silently runs on one thread.
+    cxx += ["-ffp-contract=fast", "-Wno-psabi", "-fopenmp"]
     sources = ["csrc/ops.cpp", "csrc/cpu/linear_kernel.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
@@ -125,6 +127,7 @@ def get_extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
             py_limited_api=False,
         )
     ]

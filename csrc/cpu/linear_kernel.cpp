@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -113,17 +114,31 @@ at::ScalarType acc_dtype(at::ScalarType t) {
 // Chunks of work below this many multiply-adds are not worth a thread.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
-// C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), all row-major. Tiles of C are independent,
-// so they are spread over threads; with P ≤ kFewRows a tile spans all P rows and 16 rows of B,
-// so B (the weight, in the forward) is read from memory once.
+// C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), A widened, all row-major. Tiles of C are
+// independent, so they are spread over threads; with P ≤ kFewRows a tile spans all P rows and
+// 16 rows of B, so B (the weight, in the forward) is read from memory once. For 5..16 rows the
+// rows of A go into the vector lanes (A is transposed once here, [K, 16], zero-padded).
 template <typename T, typename O>
 void gemm_nt(const cpu_base::acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
-             const T* bias, int64_t P, int64_t Q, int64_t K, bool accumulate) {
-  auto fn = TORCHMATGRAD_PICK(gemm_nt_tile<T, O>);
+             const T* bias, int64_t P, int64_t Q, int64_t K, bool accumulate,
+             const at::TensorOptions& acc_opts) {
+  using A_t = cpu_base::acc_t<T>;
+  const bool lanes = P >= 5 && P <= kFewRows;
   const int64_t tp = P <= kFewRows ? P : cpu_base::kTileP;
   const int64_t tq = P <= kFewRows ? 16 : cpu_base::kTileQ;
   const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, tp * tq * K));
+  if (lanes) {
+    auto at_ = at::from_blob(const_cast<A_t*>(A), {P, K}, {lda, 1}, acc_opts);
+    auto xt = at::zeros({K, 16}, acc_opts);
+    xt.narrow(1, 0, P).copy_(at_.t());
+    auto fn = TORCHMATGRAD_PICK(gemm_lanes_tile<T, O>);
+    at::parallel_for(0, nq, grain, [&](int64_t begin, int64_t end) {
+      fn(ptr<A_t>(xt), B, ldb, C, ldc, bias, K, P, begin * tq, std::min(Q, end * tq), accumulate);
+    });
+    return;
+  }
+  auto fn = TORCHMATGRAD_PICK(gemm_nt_tile<T, O>);
   at::parallel_for(0, np * nq, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p0 = (t / nq) * tp, q0 = (t % nq) * tq;
@@ -200,12 +215,13 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   if (gw.defined()) {
     auto gt = g2d.t().to(acc_opts).contiguous();  // [n, R], widened
     auto xt = x2d.t().contiguous();               // [m, R]
-    gemm_nt<T, O>(ptr<A_t>(gt), R, ptr<T>(xt), R, ptr<O>(gw), m, nullptr, n, m, R, accumulate);
+    gemm_nt<T, O>(ptr<A_t>(gt), R, ptr<T>(xt), R, ptr<O>(gw), m, nullptr, n, m, R, accumulate,
+                  acc_opts);
   }
   if (gi.defined()) {
     auto wt = w.t().contiguous();  // [m, n]
     auto g = g2d.to(acc_opts);     // widened
-    gemm_nt<T, T>(ptr<A_t>(g), n, ptr<T>(wt), n, ptr<T>(gi), m, nullptr, R, m, n, false);
+    gemm_nt<T, T>(ptr<A_t>(g), n, ptr<T>(wt), n, ptr<T>(gi), m, nullptr, R, m, n, false, acc_opts);
   }
 }
 
@@ -222,12 +238,13 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const int64_t R = x.size(0);
   auto y = at::empty({R, n}, input.options());
   if (y.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, input.scalar_type(), "torchmatgrad_linear_cpu", [&] {
-          using T = typename Storage<scalar_t>::type;
-          using A_t = cpu_base::acc_t<T>;
-          gemm_nt<T, T>(ptr<A_t>(x), m, ptr<T>(w), m, ptr<T>(y), n, ptr<T>(b), R, n, m, false);
-        });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "torchmatgrad_linear_cpu", [&] {
+                                      using T = typename Storage<scalar_t>::type;
+                                      using A_t = cpu_base::acc_t<T>;
+                                      gemm_nt<T, T>(ptr<A_t>(x), m, ptr<T>(w), m, ptr<T>(y), n,
+                                                    ptr<T>(b), R, n, m, false, x.options());
+                                    });
   }
   return y.view(output_shape(input, n));
 }

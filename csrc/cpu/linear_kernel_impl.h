@@ -286,6 +286,90 @@ void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C,
   }
 }
 
+// ---- forward for 5..16 rows: rows of x in the vector lanes ----------------------------------
+//
+// y[p, q] = Σ_k xT[k, p]·W[q, k] with p (the rows of x, ≤ 16, zero-padded to 16) across the
+// lanes: each step broadcasts one element of QR rows of W against PV vectors of xT[k, :], so
+// the sums stay in registers for the whole of k (no horizontal sums, no partial buffers) and W
+// streams through once, QR rows side by side. xT [K, 16] is x transposed by the launcher.
+template <int PV, int QR, int U, typename T>
+inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldw, int64_t K,
+                        acc_t<T> (*out)[16]) {
+  using A_t = acc_t<T>;
+  using V = typename VecOf<A_t>::type;
+  constexpr int64_t N = VecOf<A_t>::lanes;
+  V acc[U][QR][PV];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < QR; ++i)
+      for (int v = 0; v < PV; ++v) acc[u][i][v] = V{};
+  auto step = [&](int u, int64_t k) {
+    V a[PV];
+    for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * 16 + v * N);
+    for (int i = 0; i < QR; ++i) {
+      const A_t w = to_acc(W[i * ldw + k]);
+      for (int v = 0; v < PV; ++v) acc[u][i][v] += a[v] * w;
+    }
+  };
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    // Each W row is read 4 bytes per step, too thinly for the hardware prefetcher to run far
+    // enough ahead: ask for the line 1 KiB ahead, once per cache line.
+    if (k % (64 / int64_t(sizeof(T))) == 0)
+      for (int i = 0; i < QR; ++i) __builtin_prefetch(W + i * ldw + k + 1024 / sizeof(T));
+    for (int u = 0; u < U; ++u) step(u, k + u);
+  }
+  for (; k < K; ++k) step(0, k);
+  for (int i = 0; i < QR; ++i)
+    for (int v = 0; v < PV; ++v) {
+      V t = acc[0][i][v];
+      for (int u = 1; u < U; ++u) t += acc[u][i][v];
+      std::memcpy(out[i] + v * N, &t, sizeof(V));
+    }
+}
+
+template <int PV, typename T, typename O>
+inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_t ldc,
+                       const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1,
+                       bool accumulate) {
+  using A_t = acc_t<T>;
+  // ≤ 12 accumulators + PV operands + 1 broadcast fit 16 registers; 6 rows of W (streams) at a
+  // time, and a second set of sums over alternate k when one vector holds all rows of x.
+  constexpr int QR = PV <= 2 ? 6 : 12 / PV;
+  constexpr int U = PV == 1 ? 2 : 1;
+  A_t out[QR][16];
+  for (int64_t q = q0; q < q1;) {
+    const int64_t rows = std::min<int64_t>(QR, q1 - q);
+    const T* w = W + q * ldw;
+    if (rows == QR)
+      micro_lanes<PV, QR, U>(xT, w, ldw, K, out);
+    else
+      for (int64_t i = 0; i < rows; ++i) micro_lanes<PV, 1, 2>(xT, w + i * ldw, ldw, K, out + i);
+    for (int64_t i = 0; i < rows; ++i) {
+      const A_t b = bias ? to_acc(bias[q + i]) : A_t(0);
+      for (int64_t p = 0; p < P; ++p) {
+        O* c = C + p * ldc + q + i;
+        A_t v = out[i][p] + b;
+        if (accumulate) v += to_acc(*c);
+        *c = from_acc<O>(v);
+      }
+    }
+    q += rows;
+  }
+}
+
+// C[p, q] for all P (5..16) rows and q ∈ [q0, q1).
+template <typename T, typename O>
+void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_t ldc, const T* bias,
+                     int64_t K, int64_t P, int64_t q0, int64_t q1, bool accumulate) {
+  constexpr int64_t N = VecOf<acc_t<T>>::lanes;
+  switch ((P + N - 1) / N) {
+    case 1: lanes_rows<1>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+    case 2: lanes_rows<2>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+    case 3: lanes_rows<3>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+    default: lanes_rows<4>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+  }
+}
+
 // ---- backward for few rows -----------------------------------------------------------------
 //
 // For the W rows j ∈ [j0, j1) of one chunk, with R ≤ 16 rows of G [R, n] and X [R, m] (both
@@ -405,6 +489,8 @@ void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t
 #define TORCHMATGRAD_INSTANTIATE(T, O)                                                            \
   template void gemm_nt_tile<T, O>(const acc_t<T>*, int64_t, const T*, int64_t, O*, int64_t,      \
                                    const T*, int64_t, int64_t, int64_t, int64_t, int64_t, bool);  \
+  template void gemm_lanes_tile<T, O>(const acc_t<T>*, const T*, int64_t, O*, int64_t, const T*,  \
+                                      int64_t, int64_t, int64_t, int64_t, bool);                  \
   template void backward_rows<T, O>(const acc_t<T>*, int64_t, const acc_t<T>*, const T*, int64_t, \
                                     int64_t, int64_t, O*, int64_t, bool, acc_t<T>*, int64_t,      \
                                     int64_t);
