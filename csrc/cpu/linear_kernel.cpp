@@ -114,36 +114,43 @@ at::ScalarType acc_dtype(at::ScalarType t) {
 // Chunks of work below this many multiply-adds are not worth a thread.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
-// C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), A widened, all row-major. Tiles of C are
-// independent, so they are spread over threads; with P ≤ kFewRows a tile spans all P rows and
-// 16 rows of B, so B (the weight, in the forward) is read from memory once. For 5..16 rows the
-// rows of A go into the vector lanes (A is transposed once here, [K, 16], zero-padded).
+// C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), A widened, all row-major.
+// 1..4 rows of A (memory-bound): dot products over K, tiles of 16 rows of B spread over
+// threads, each row of B (the weight, in the forward) read from memory once.
+// 5 or more rows: A is transposed once into blocks of 16 rows, [P/16, K, 16] zero-padded, and
+// the rows of A go into the vector lanes; tiles of (16 rows of A) × (96 rows of B) are spread
+// over threads, so a block of B stays in cache while the row blocks of A pass over it.
 template <typename T, typename O>
 void gemm_nt(const cpu_base::acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
              const T* bias, int64_t P, int64_t Q, int64_t K, bool accumulate,
              const at::TensorOptions& acc_opts) {
   using A_t = cpu_base::acc_t<T>;
-  const bool lanes = P >= 5 && P <= kFewRows;
-  const int64_t tp = P <= kFewRows ? P : cpu_base::kTileP;
-  const int64_t tq = P <= kFewRows ? 16 : cpu_base::kTileQ;
-  const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, tp * tq * K));
-  if (lanes) {
-    auto at_ = at::from_blob(const_cast<A_t*>(A), {P, K}, {lda, 1}, acc_opts);
-    auto xt = at::zeros({K, 16}, acc_opts);
-    xt.narrow(1, 0, P).copy_(at_.t());
-    auto fn = TORCHMATGRAD_PICK(gemm_lanes_tile<T, O>);
+  if (P <= cpu_base::kDotRows) {
+    constexpr int64_t tq = cpu_base::kDotTileQ;
+    const int64_t nq = (Q + tq - 1) / tq;
+    const int64_t grain =
+        std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, P * tq * K));
+    auto fn = TORCHMATGRAD_PICK(gemm_nt_tile<T, O>);
     at::parallel_for(0, nq, grain, [&](int64_t begin, int64_t end) {
-      fn(ptr<A_t>(xt), B, ldb, C, ldc, bias, K, P, begin * tq, std::min(Q, end * tq), accumulate);
+      for (int64_t t = begin; t < end; ++t)
+        fn(A, lda, B, ldb, C, ldc, bias, K, 0, P, t * tq, std::min(Q, (t + 1) * tq), accumulate);
     });
     return;
   }
-  auto fn = TORCHMATGRAD_PICK(gemm_nt_tile<T, O>);
+  constexpr int64_t tp = 16, tq = 96;
+  const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;
+  auto a = at::from_blob(const_cast<A_t*>(A), {P, K}, {lda, 1}, acc_opts);
+  auto xt = at::zeros({np * tp, K}, acc_opts);
+  xt.narrow(0, 0, P).copy_(a);
+  xt = xt.view({np, tp, K}).transpose(1, 2).contiguous();  // [np, K, 16]
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, tp * tq * K));
+  auto fn = TORCHMATGRAD_PICK(gemm_lanes_tile<T, O>);
   at::parallel_for(0, np * nq, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = (t / nq) * tp, q0 = (t % nq) * tq;
-      fn(A, lda, B, ldb, C, ldc, bias, K, p0, std::min(P, p0 + tp), q0, std::min(Q, q0 + tq),
-         accumulate);
+      // q-block major: consecutive tiles of a thread share the same rows of B.
+      const int64_t qi = t / np, pi = t % np;
+      fn(ptr<A_t>(xt) + pi * K * tp, B, ldb, C + pi * tp * ldc, ldc, bias, K,
+         std::min(tp, P - pi * tp), qi * tq, std::min(Q, (qi + 1) * tq), accumulate);
     }
   });
 }

@@ -232,61 +232,37 @@ inline void micro_nt_any(int mp, int mq, const acc_t<T>* A, int64_t lda, const T
 #undef TORCHMATGRAD_MICRO
 }
 
-constexpr int64_t kTileP = 64;  // output tile: at most kTileP × kTileQ sums live in `buf`
-constexpr int64_t kTileQ = 64;
-constexpr int64_t kKCMany = 1024;  // many rows: 4 A rows + 2 B rows of kKCMany floats in L1
-constexpr int64_t kKCFew = 256;    // few rows: all (≤ 16) A rows of kKCFew floats stay in L1
+constexpr int64_t kDotRows = 4;    // rows of A handled by the dot-product kernel
+constexpr int64_t kDotTileQ = 16;  // rows of B per tile
 
-// C[p, q] = Σ_k A[p, k]·B[q, k] (+ bias[q]) (+ C[p, q] when accumulate), for one output tile
-// p ∈ [p0, p1), q ∈ [q0, q1) with (p1 - p0) ≤ kTileP and (q1 - q0) ≤ kTileQ.
-// Forward: A = x [R, m] (widened), B = W [n, m], C = y [R, n]. With few rows of x (the
-// memory-bound case) B rows are the outer loop inside each k-block, so every element of W is
-// loaded from memory once and meets all rows of x from L1; with many rows, 4 rows of x stay in
-// L1 instead and W rows stream from L2.
+// C[p, q] = Σ_k A[p, k]·B[q, k] (+ bias[q]) (+ C[p, q] when accumulate) for the P ≤ 4 rows of
+// A and q ∈ [q0, q1), q1 - q0 ≤ kDotTileQ: the memory-bound case (a vector or a few). Each row
+// of B (the weight) streams start to end once, 2 or 4 rows side by side, while the rows of A
+// stay in cache; the prefetcher follows these few long streams well.
 template <typename T, typename O>
 void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
                   const T* bias, int64_t K, int64_t p0, int64_t p1, int64_t q0, int64_t q1,
                   bool accumulate) {
   using A_t = acc_t<T>;
-  A_t buf[kTileP][kTileQ];
   const int64_t np = p1 - p0, nq = q1 - q0;
-  for (int64_t p = 0; p < np; ++p)
-    for (int64_t q = 0; q < nq; ++q) buf[p][q] = A_t(0);
-  const bool few_rows = np <= 16;
-  const int64_t step_p = (few_rows && np <= 2) ? 2 : 4;
-  const int64_t step_q = (few_rows && np <= 2) ? 4 : 2;
-  auto run = [&](int64_t p, int64_t q, int64_t k0, int64_t k1) {
+  const int64_t step_q = np <= 2 ? 4 : 2;
+  for (int64_t q = 0; q < nq; q += step_q) {
     A_t out[4][4] = {};
-    const int mp = int(std::min(step_p, np - p)), mq = int(std::min(step_q, nq - q));
-    micro_nt_any<T>(mp, mq, A + (p0 + p) * lda, lda, B + (q0 + q) * ldb, ldb, k0, k1, out);
-    for (int i = 0; i < mp; ++i)
-      for (int j = 0; j < mq; ++j) buf[p + i][q + j] += out[i][j];
-  };
-  // One or a few rows of x: no k-blocking, so each W row streams start to end (the hardware
-  // prefetcher follows 4 long streams better than 16 short ones).
-  const int64_t kc = np <= 4 ? std::max<int64_t>(K, 1) : (few_rows ? kKCFew : kKCMany);
-  for (int64_t k0 = 0; k0 < K; k0 += kc) {
-    const int64_t k1 = std::min(K, k0 + kc);
-    if (few_rows) {
-      for (int64_t q = 0; q < nq; q += step_q)
-        for (int64_t p = 0; p < np; p += step_p) run(p, q, k0, k1);
-    } else {
-      for (int64_t p = 0; p < np; p += step_p)
-        for (int64_t q = 0; q < nq; q += step_q) run(p, q, k0, k1);
-    }
-  }
-  for (int64_t p = 0; p < np; ++p) {
-    O* c = C + (p0 + p) * ldc + q0;
-    for (int64_t q = 0; q < nq; ++q) {
-      A_t v = buf[p][q];
-      if (bias) v += to_acc(bias[q0 + q]);
-      if (accumulate) v += to_acc(c[q]);
-      c[q] = from_acc<O>(v);
+    const int mq = int(std::min(step_q, nq - q));
+    micro_nt_any<T>(int(np), mq, A + p0 * lda, lda, B + (q0 + q) * ldb, ldb, 0, K, out);
+    for (int64_t p = 0; p < np; ++p) {
+      O* c = C + (p0 + p) * ldc + q0 + q;
+      for (int j = 0; j < mq; ++j) {
+        A_t v = out[p][j];
+        if (bias) v += to_acc(bias[q0 + q + j]);
+        if (accumulate) v += to_acc(c[j]);
+        c[j] = from_acc<O>(v);
+      }
     }
   }
 }
 
-// ---- forward for 5..16 rows: rows of x in the vector lanes ----------------------------------
+// ---- 5 or more rows: rows of x in the vector lanes ----------------------------------
 //
 // y[p, q] = Σ_k xT[k, p]·W[q, k] with p (the rows of x, ≤ 16, zero-padded to 16) across the
 // lanes: each step broadcasts one element of QR rows of W against PV vectors of xT[k, :], so
@@ -357,16 +333,24 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_
   }
 }
 
-// C[p, q] for all P (5..16) rows and q ∈ [q0, q1).
+// C[p, q] for the P ≤ 16 rows of one block of xT and q ∈ [q0, q1).
 template <typename T, typename O>
 void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_t ldc, const T* bias,
                      int64_t K, int64_t P, int64_t q0, int64_t q1, bool accumulate) {
-  constexpr int64_t N = VecOf<acc_t<T>>::lanes;
-  switch ((P + N - 1) / N) {
-    case 1: lanes_rows<1>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
-    case 2: lanes_rows<2>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
-    case 3: lanes_rows<3>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
-    default: lanes_rows<4>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+  constexpr int64_t N = VecOf<acc_t<T>>::lanes;  // 16 rows are 2 float or 4 double vectors
+  const int64_t pv = (P + N - 1) / N;
+  if constexpr (N == 8) {
+    if (pv == 1)
+      lanes_rows<1>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate);
+    else
+      lanes_rows<2>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate);
+  } else {
+    switch (pv) {
+      case 1: lanes_rows<1>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+      case 2: lanes_rows<2>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+      case 3: lanes_rows<3>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+      default: lanes_rows<4>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+    }
   }
 }
 
