@@ -33,14 +33,15 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
         KernelPath(
             16,
             "cpu:few-rows",
-            "one pass over W (k-blocks of 256, ≤ 16 rows of x in L1, 4 W rows at a time)",
+            "one pass over W: R ≤ 4 dot products (2-4 W rows streaming side by side); "
+            "5..16 rows of x in the vector lanes, 6 W rows broadcast per step",
             "W read once for grad_input (per-thread partials, summed in order), grad_W written "
             "once (streaming stores)",
         ),
         KernelPath(
             None,
             "cpu:tiled",
-            "tiled GEMM (64×64 tiles, k-block 1024, 4×2 register tile)",
+            "tiled: 16 rows of x (in vector lanes) × 96 W rows per tile, 6×16 register tile",
             "two tiled GEMMs (grad_W on Gᵀ, Xᵀ; grad_input on G, Wᵀ: one W-sized copy)",
         ),
     ),
