@@ -30,94 +30,92 @@ def _model(cls, **kw):
     return torch.nn.Sequential(cls(6, 8, **kw), torch.nn.Tanh(), cls(8, 3, **kw))
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
+def _worker(rank: int, body, world: int, port: int, result_dir: str) -> None:
+    """Start the process group, run body(rank, world), leave ok<rank> or err<rank> behind."""
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
+        body(rank, world)
+        open(os.path.join(result_dir, f"ok{rank}"), "w").close()
+    except Exception:
+        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _ddp(rank: int, world: int) -> None:
     import warnings
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import torchmatgrad
 
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
-        torch.manual_seed(100 + rank)  # different data on each rank
-        data = [torch.randn(4, 6) for _ in range(6)]
-        ref = DDP(_model(torch.nn.Linear))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for mode in ("unfused", "fused"):
-                ours = DDP(_model(torchmatgrad.nn.Linear, grad_accumulation=mode))
-                for model in (ref, ours) if mode == "unfused" else (ours,):
-                    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-                    for step in range(3):
-                        opt.zero_grad(set_to_none=False)
-                        with model.no_sync():  # a local micro-batch, reduced with the next one
-                            model(data[2 * step]).square().sum().backward()
-                        model(data[2 * step + 1]).square().sum().backward()
-                        opt.step()
-                    if model is ref:
-                        ref_state = [p.detach().clone() for p in ref.parameters()]
-                        ref_grads = [p.grad.clone() for p in ref.parameters()]
-                for p, r in zip(ours.parameters(), ref_state, strict=True):
-                    torch.testing.assert_close(p.detach(), r)
-                for p, g in zip(ours.parameters(), ref_grads, strict=True):
-                    torch.testing.assert_close(p.grad, g)
-        messages = [str(w.message) for w in caught]
-        assert any("torch.distributed is initialized" in m for m in messages), messages
-        # Parameters are identical on both ranks (DDP all-reduced the gradients).
-        flat = torch.cat([p.detach().flatten() for p in ours.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        torch.testing.assert_close(gathered[0], gathered[1])
-        open(os.path.join(result_dir, f"ok{rank}"), "w").close()
-    except Exception:
-        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    torch.manual_seed(100 + rank)  # different data on each rank
+    data = [torch.randn(4, 6) for _ in range(6)]
+    ref = DDP(_model(torch.nn.Linear))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for mode in ("unfused", "fused"):
+            ours = DDP(_model(torchmatgrad.nn.Linear, grad_accumulation=mode))
+            for model in (ref, ours) if mode == "unfused" else (ours,):
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                for step in range(3):
+                    opt.zero_grad(set_to_none=False)
+                    with model.no_sync():  # a local micro-batch, reduced with the next one
+                        model(data[2 * step]).square().sum().backward()
+                    model(data[2 * step + 1]).square().sum().backward()
+                    opt.step()
+                if model is ref:
+                    ref_state = [p.detach().clone() for p in ref.parameters()]
+                    ref_grads = [p.grad.clone() for p in ref.parameters()]
+            for p, r in zip(ours.parameters(), ref_state, strict=True):
+                torch.testing.assert_close(p.detach(), r)
+            for p, g in zip(ours.parameters(), ref_grads, strict=True):
+                torch.testing.assert_close(p.grad, g)
+    messages = [str(w.message) for w in caught]
+    assert any("torch.distributed is initialized" in m for m in messages), messages
+    # Parameters are identical on both ranks (DDP all-reduced the gradients).
+    flat = torch.cat([p.detach().flatten() for p in ours.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    torch.testing.assert_close(gathered[0], gathered[1])
 
 
-def _fsdp_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+def _fsdp(rank: int, world: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import torchmatgrad
 
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
-        torch.manual_seed(100 + rank)
-        data = [torch.randn(4, 6) for _ in range(3)]
-        results = []
-        for cls in (torch.nn.Linear, torchmatgrad.nn.Linear):
-            model = _model(cls)
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer)
-            fully_shard(model)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            for x in data:
-                opt.zero_grad()
-                model(x).square().sum().backward()
-                opt.step()
-            results.append([p.full_tensor().detach().clone() for p in model.parameters()])
-        for a, b in zip(*results, strict=True):
-            torch.testing.assert_close(a, b)
-        open(os.path.join(result_dir, f"ok{rank}"), "w").close()
-    except Exception:
-        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    torch.manual_seed(100 + rank)
+    data = [torch.randn(4, 6) for _ in range(3)]
+    results = []
+    for cls in (torch.nn.Linear, torchmatgrad.nn.Linear):
+        model = _model(cls)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x in data:
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        results.append([p.full_tensor().detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
 
 
-def _run_two(worker, tmp_path) -> None:
+def _run_two(body, tmp_path) -> None:
     world, port = 2, _free_port()
     ctx = mp.start_processes(
-        worker, args=(world, port, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+        _worker,
+        args=(body, world, port, str(tmp_path)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
     )
     import time
 
@@ -134,9 +132,9 @@ def _run_two(worker, tmp_path) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_matches_nn_linear(tmp_path):
-    _run_two(_worker, tmp_path)
+    _run_two(_ddp, tmp_path)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_matches_nn_linear(tmp_path):
-    _run_two(_fsdp_worker, tmp_path)
+    _run_two(_fsdp, tmp_path)
