@@ -182,10 +182,11 @@ bench() {  # bench NAME DTYPE N "B..." "CASE..."
 # The target shapes: forward fp32 8192² B=1, 16 and fwd+bwd (.grad None before) B=1, 16;
 # forward bf16 8192² B=1; bf16 16384² forward B=16 and fwd+bwd B=1 (B=1 fwd, B=16 fwd+bwd come
 # along); forward fp32 8192² B=4096 (the hand-written tiled GEMM against cuBLAS); fwd+bwd fp32
-# 1024² B=1 (launch and framework overhead).
-step bench-fp32-8192 "$RESULTS/bench.log" bench a_fp32_8192 fp32 8192 "1 16" "fwd fwdbwd"
+# 1024² B=1 (launch and framework overhead). fwdbwd_acc: the step with gradient accumulation,
+# torch vs torchmatgrad unfused vs fused (fp32 8192² B=1, 16; bf16 16384² B=1).
+step bench-fp32-8192 "$RESULTS/bench.log" bench a_fp32_8192 fp32 8192 "1 16" "fwd fwdbwd fwdbwd_acc"
 step bench-bf16-8192 "$RESULTS/bench.log" bench b_bf16_8192 bf16 8192 "1" "fwd"
-step bench-bf16-16384 "$RESULTS/bench.log" bench c_bf16_16384 bf16 16384 "1 16" "fwd fwdbwd"
+step bench-bf16-16384 "$RESULTS/bench.log" bench c_bf16_16384 bf16 16384 "1 16" "fwd fwdbwd fwdbwd_acc"
 step bench-fp32-B4096 "$RESULTS/bench.log" bench d_fp32_b4096 fp32 8192 "4096" "fwd"
 step bench-fp32-1024 "$RESULTS/bench.log" bench e_fp32_1024 fp32 1024 "1" "fwdbwd"
 
