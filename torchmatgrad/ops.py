@@ -16,9 +16,11 @@ torchmatgrad's kernels (vmap over a batched weight loops over the batch).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
@@ -376,13 +378,34 @@ class _LinearBackwardFunction(torch.autograd.Function):
         )
 
 
+# autograd.Function.apply binds its arguments with inspect.signature(forward) on every call
+# (~50 µs, most of the call); a precomputed __signature__ is what inspect returns at once.
+for _fn in (_LinearFunction, _LinearBackwardFunction):
+    _fn.forward.__signature__ = inspect.signature(_fn.forward)
+
+
 def _mask_list(bits: int) -> list[bool]:
     return [bool(bits & 1), bool(bits & 2), bool(bits & 4)]
 
 
 def _linear_backward_eager(grad_output, input, weight, output_mask):
+    if not _tracks_derivatives(grad_output, input, weight):
+        # The usual backward (no create_graph): straight to the device kernel.
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.linear_backward(grad_output, input, weight, output_mask)
     bits = sum(1 << k for k, wanted in enumerate(output_mask) if wanted)
     return _LinearBackwardFunction.apply(grad_output, input, weight, bits)
+
+
+def _tracks_derivatives(*tensors: Tensor | None) -> bool:
+    """Whether any derivative of this call can be asked for: reverse mode (grad enabled and an
+    input requires grad), forward mode (a dual tensor) or a torch.func transform."""
+    if torch._C._are_functorch_transforms_active():  # first: unpack_dual fails under vmap
+        return True
+    ts = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
 
 
 def linear(
@@ -416,6 +439,11 @@ def linear(
         # Dynamo cannot trace an autograd.Function with a custom jvp; the registered op
         # carries the same backward and its fake kernel.
         return _ops.linear(input, weight, bias)
+    if not _tracks_derivatives(input, weight, bias):
+        # Nothing to differentiate: skip autograd.Function.apply and the op's Python autograd
+        # kernel (tens of µs) and go straight to the device kernel.
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.linear(input, weight, bias)
     if grad_accumulation == "unfused":
         return _LinearFunction.apply(input, weight, bias)
     return _LinearFunction.apply(input, weight, bias, grad_accumulation)

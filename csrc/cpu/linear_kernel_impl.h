@@ -170,7 +170,7 @@ inline auto hsum(V v) {
 // accumulators per output so that at least 8 FMA chains are in flight (FMA latency × 2 ports).
 template <int MP, int MQ, int U, typename T>
 inline void micro_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, int64_t k0,
-                     int64_t k1, acc_t<T> (*out)[4]) {
+                     int64_t k1, acc_t<T> (*out)[8]) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
@@ -211,12 +211,13 @@ inline void micro_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, in
 // most 2 rows of A (the memory-bound vector case), 4 rows of B so more of W is in flight.
 template <typename T>
 inline void micro_nt_any(int mp, int mq, const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb,
-                         int64_t k0, int64_t k1, acc_t<T> (*out)[4]) {
+                         int64_t k0, int64_t k1, acc_t<T> (*out)[8]) {
 #define TORCHMATGRAD_MICRO(P, Q, U)                 \
   if (mp == P && mq == Q) {                         \
     micro_nt<P, Q, U>(A, lda, B, ldb, k0, k1, out); \
     return;                                         \
   }
+  TORCHMATGRAD_MICRO(1, 8, 1)
   TORCHMATGRAD_MICRO(4, 2, 1)
   TORCHMATGRAD_MICRO(3, 2, 1)
   TORCHMATGRAD_MICRO(2, 4, 1)
@@ -229,6 +230,9 @@ inline void micro_nt_any(int mp, int mq, const acc_t<T>* A, int64_t lda, const T
   TORCHMATGRAD_MICRO(1, 1, 4)
   TORCHMATGRAD_MICRO(1, 3, 2)
   TORCHMATGRAD_MICRO(2, 3, 1)
+  TORCHMATGRAD_MICRO(1, 7, 1)
+  TORCHMATGRAD_MICRO(1, 6, 1)
+  TORCHMATGRAD_MICRO(1, 5, 1)
 #undef TORCHMATGRAD_MICRO
 }
 
@@ -245,9 +249,11 @@ void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C,
                   bool accumulate) {
   using A_t = acc_t<T>;
   const int64_t np = p1 - p0, nq = q1 - q0;
-  const int64_t step_q = np <= 2 ? 4 : 2;
+  // A single row of a 16-bit W: 8 rows of W in flight, so as many bytes are outstanding as
+  // for 4 float rows (the prefetcher ramps up per row, and 16-bit rows are half as long).
+  const int64_t step_q = (np == 1 && sizeof(T) == 2) ? 8 : np <= 2 ? 4 : 2;
   for (int64_t q = 0; q < nq; q += step_q) {
-    A_t out[4][4] = {};
+    A_t out[4][8] = {};
     const int mq = int(std::min(step_q, nq - q));
     micro_nt_any<T>(int(np), mq, A + p0 * lda, lda, B + (q0 + q) * ldb, ldb, 0, K, out);
     for (int64_t p = 0; p < np; ++p) {
