@@ -42,7 +42,8 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             None,
             "cpu:tiled",
             "tiled: 16 rows of x (in vector lanes) × 96 W rows per tile, 6×16 register tile",
-            "two tiled GEMMs (grad_W on Gᵀ, Xᵀ; grad_input on G, Wᵀ: one W-sized copy)",
+            "grad_W: W rows split over threads, each summing R rows of X (no copy of W); "
+            "grad_input: the tiled kernel reading W transposed in place",
         ),
     ),
     "cuda": (

@@ -123,9 +123,10 @@ constexpr int64_t kMinWorkPerThread = 1 << 15;
 template <typename T, typename O>
 void gemm_nt(const cpu_base::acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
              const T* bias, int64_t P, int64_t Q, int64_t K, bool accumulate,
-             const at::TensorOptions& acc_opts) {
+             const at::TensorOptions& acc_opts, int64_t ldbk = 1) {
   using A_t = cpu_base::acc_t<T>;
   if (P <= cpu_base::kDotRows) {
+    TORCH_INTERNAL_ASSERT(ldbk == 1, "the dot-product path reads B rows contiguously");
     constexpr int64_t tq = cpu_base::kDotTileQ;
     const int64_t nq = (Q + tq - 1) / tq;
     const int64_t grain =
@@ -149,7 +150,7 @@ void gemm_nt(const cpu_base::acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, 
     for (int64_t t = begin; t < end; ++t) {
       // q-block major: consecutive tiles of a thread share the same rows of B.
       const int64_t qi = t / np, pi = t % np;
-      fn(ptr<A_t>(xt) + pi * K * tp, B, ldb, C + pi * tp * ldc, ldc, bias, K,
+      fn(ptr<A_t>(xt) + pi * K * tp, B, ldb, ldbk, C + pi * tp * ldc, ldc, bias, K,
          std::min(tp, P - pi * tp), qi * tq, std::min(Q, (qi + 1) * tq), accumulate);
     }
   });
@@ -218,17 +219,29 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     }
     return;
   }
-  // Many rows: both products are GEMM-shaped; make the reduced dimension contiguous.
+  // Many rows. grad_W = Gᵀ·X: each W row j sums R rows of X weighted by G's column j (Gᵀ
+  // widened, so that column is contiguous); threads split the rows of grad_W.
   if (gw.defined()) {
-    auto gt = g2d.t().to(acc_opts).contiguous();  // [n, R], widened
-    auto xt = x2d.t().contiguous();               // [m, R]
-    gemm_nt<T, O>(ptr<A_t>(gt), R, ptr<T>(xt), R, ptr<O>(gw), m, nullptr, n, m, R, accumulate,
-                  acc_opts);
+    auto gt = g2d.t().to(acc_opts).contiguous();  // [n, R]
+    auto x = x2d.to(acc_opts).contiguous();       // [R, m]
+    auto fn = TORCHMATGRAD_PICK(grad_weight_rows<T, O>);
+    const int64_t groups = (n + 3) / 4;
+    const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 4 * R * m));
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+#ifdef TORCHMATGRAD_X86
+      struct StoreFence {  // order the kernel's non-temporal stores before the join
+        ~StoreFence() { _mm_sfence(); }
+      } fence;
+#endif
+      fn(ptr<A_t>(gt), 1, R, ptr<A_t>(x), R, m, ptr<O>(gw), m, accumulate, g0 * 4,
+         std::min(n, g1 * 4));
+    });
   }
+  // grad_input = G·W, with W read in place as the transposed operand (no copy of W).
   if (gi.defined()) {
-    auto wt = w.t().contiguous();  // [m, n]
-    auto g = g2d.to(acc_opts);     // widened
-    gemm_nt<T, T>(ptr<A_t>(g), n, ptr<T>(wt), n, ptr<T>(gi), m, nullptr, R, m, n, false, acc_opts);
+    auto g = g2d.to(acc_opts).contiguous();  // [R, n]
+    gemm_nt<T, T>(ptr<A_t>(g), n, ptr<T>(w), 1, ptr<T>(gi), m, nullptr, R, m, n, false, acc_opts,
+                  /*ldbk=*/m);
   }
 }
 

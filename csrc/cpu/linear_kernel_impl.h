@@ -275,7 +275,7 @@ void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C,
 // the sums stay in registers for the whole of k (no horizontal sums, no partial buffers) and W
 // streams through once, QR rows side by side. xT [K, 16] is x transposed by the launcher.
 template <int PV, int QR, int U, typename T>
-inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldw, int64_t K,
+inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, int64_t K,
                         acc_t<T> (*out)[16]) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
@@ -288,16 +288,21 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldw, int64_t K,
     V a[PV];
     for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * 16 + v * N);
     for (int i = 0; i < QR; ++i) {
-      const A_t w = to_acc(W[i * ldw + k]);
+      const A_t w = to_acc(W[i * ldq + k * ldk]);
       for (int v = 0; v < PV; ++v) acc[u][i][v] += a[v] * w;
     }
   };
   int64_t k = 0;
   for (; k + U <= K; k += U) {
     // Each W row is read 4 bytes per step, too thinly for the hardware prefetcher to run far
-    // enough ahead: ask for the line 1 KiB ahead, once per cache line.
-    if (k % (64 / int64_t(sizeof(T))) == 0)
-      for (int i = 0; i < QR; ++i) __builtin_prefetch(W + i * ldw + k + 1024 / sizeof(T));
+    // enough ahead: ask for the line 1 KiB ahead, once per cache line. (Transposed W, ldk > 1:
+    // the QR values share a line and each step moves to the next row; fetch 8 rows ahead.)
+    if (ldk == 1) {
+      if (k % (64 / int64_t(sizeof(T))) == 0)
+        for (int i = 0; i < QR; ++i) __builtin_prefetch(W + i * ldq + k + 1024 / sizeof(T));
+    } else {
+      for (int u = 0; u < U; ++u) __builtin_prefetch(W + (k + u + 8) * ldk);
+    }
     for (int u = 0; u < U; ++u) step(u, k + u);
   }
   for (; k < K; ++k) step(0, k);
@@ -310,7 +315,7 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldw, int64_t K,
 }
 
 template <int PV, typename T, typename O>
-inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_t ldc,
+inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O* C, int64_t ldc,
                        const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1,
                        bool accumulate) {
   using A_t = acc_t<T>;
@@ -321,11 +326,12 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_
   A_t out[QR][16];
   for (int64_t q = q0; q < q1;) {
     const int64_t rows = std::min<int64_t>(QR, q1 - q);
-    const T* w = W + q * ldw;
+    const T* w = W + q * ldq;
     if (rows == QR)
-      micro_lanes<PV, QR, U>(xT, w, ldw, K, out);
+      micro_lanes<PV, QR, U>(xT, w, ldq, ldk, K, out);
     else
-      for (int64_t i = 0; i < rows; ++i) micro_lanes<PV, 1, 2>(xT, w + i * ldw, ldw, K, out + i);
+      for (int64_t i = 0; i < rows; ++i)
+        micro_lanes<PV, 1, 2>(xT, w + i * ldq, ldq, ldk, K, out + i);
     for (int64_t i = 0; i < rows; ++i) {
       const A_t b = bias ? to_acc(bias[q + i]) : A_t(0);
       for (int64_t p = 0; p < P; ++p) {
@@ -339,23 +345,24 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_
   }
 }
 
-// C[p, q] for the P ≤ 16 rows of one block of xT and q ∈ [q0, q1).
+// C[p, q] for the P ≤ 16 rows of one block of xT and q ∈ [q0, q1); element (q, k) of the
+// second operand is W[q·ldq + k·ldk] (ldk = 1: W itself; ldq = 1: W transposed, read in place).
 template <typename T, typename O>
-void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_t ldc, const T* bias,
-                     int64_t K, int64_t P, int64_t q0, int64_t q1, bool accumulate) {
+void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O* C, int64_t ldc,
+                     const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1, bool accumulate) {
   constexpr int64_t N = VecOf<acc_t<T>>::lanes;  // 16 rows are 2 float or 4 double vectors
   const int64_t pv = (P + N - 1) / N;
   if constexpr (N == 8) {
     if (pv == 1)
-      lanes_rows<1>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate);
+      lanes_rows<1>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate);
     else
-      lanes_rows<2>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate);
+      lanes_rows<2>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate);
   } else {
     switch (pv) {
-      case 1: lanes_rows<1>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
-      case 2: lanes_rows<2>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
-      case 3: lanes_rows<3>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
-      default: lanes_rows<4>(xT, W, ldw, C, ldc, bias, K, P, q0, q1, accumulate); break;
+      case 1: lanes_rows<1>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
+      case 2: lanes_rows<2>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
+      case 3: lanes_rows<3>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
+      default: lanes_rows<4>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
     }
   }
 }
@@ -370,15 +377,16 @@ void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldw, O* C, int64_t 
 // of sums in registers while the (cached) rows of X stream past; gi keeps 8 rows of W in
 // registers and updates each cached row of gi once per 8 of them.
 
+// grad_W rows j..j+JR-1 over the R rows; element (r, j) of G is G[r·sr + j·sj] (G itself, or
+// Gᵀ for many rows so each j's column of G is contiguous).
 template <int JR, typename T, typename O>
-inline void grad_weight_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X, int64_t R, int64_t m,
-                              O* gw, int64_t ldgw, bool accumulate, int64_t j) {
+inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X,
+                              int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate,
+                              int64_t j) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
-  A_t g[16][JR];
-  for (int64_t r = 0; r < R; ++r)
-    for (int a = 0; a < JR; ++a) g[r][a] = G[r * n + j + a];
+  const A_t* g = G + j * sj;
   auto finish = [&](O* dst, V v) {
     if (accumulate) {
       v += vload(dst);
@@ -394,8 +402,9 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X, i
     for (int64_t r = 0; r < R; ++r) {
       const V x0 = vload(X + r * m + k), x1 = vload(X + r * m + k + N);
       for (int a = 0; a < JR; ++a) {
-        acc[a][0] += g[r][a] * x0;
-        acc[a][1] += g[r][a] * x1;
+        const A_t gra = g[r * sr + a * sj];
+        acc[a][0] += gra * x0;
+        acc[a][1] += gra * x1;
       }
     }
     for (int a = 0; a < JR; ++a) {
@@ -406,11 +415,20 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t n, const acc_t<T>* X, i
   for (; k < m; ++k) {
     for (int a = 0; a < JR; ++a) {
       A_t s = 0;
-      for (int64_t r = 0; r < R; ++r) s += g[r][a] * X[r * m + k];
+      for (int64_t r = 0; r < R; ++r) s += g[r * sr + a * sj] * X[r * m + k];
       O* dst = gw + (j + a) * ldgw + k;
       dst[0] = from_acc<O>(accumulate ? s + to_acc(dst[0]) : s);
     }
   }
+}
+
+// grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :] for j ∈ [j0, j1), any number of rows R.
+template <typename T, typename O>
+void grad_weight_rows(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X, int64_t R,
+                      int64_t m, O* gw, int64_t ldgw, bool accumulate, int64_t j0, int64_t j1) {
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) grad_weight_group<4, T>(G, sr, sj, X, R, m, gw, ldgw, accumulate, j);
+  for (; j < j1; ++j) grad_weight_group<1, T>(G, sr, sj, X, R, m, gw, ldgw, accumulate, j);
 }
 
 template <int JR, typename T>
@@ -441,11 +459,7 @@ template <typename T, typename O>
 void backward_rows(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
                    int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate, acc_t<T>* gi,
                    int64_t j0, int64_t j1) {
-  if (gw) {
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) grad_weight_group<4, T>(G, n, X, R, m, gw, ldgw, accumulate, j);
-    for (; j < j1; ++j) grad_weight_group<1, T>(G, n, X, R, m, gw, ldgw, accumulate, j);
-  }
+  if (gw) grad_weight_rows<T>(G, n, 1, X, R, m, gw, ldgw, accumulate, j0, j1);
   if (gi) {
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) grad_input_group<8>(G, n, W, ldw, R, m, gi, j);
@@ -479,8 +493,10 @@ void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t
 #define TORCHMATGRAD_INSTANTIATE(T, O)                                                            \
   template void gemm_nt_tile<T, O>(const acc_t<T>*, int64_t, const T*, int64_t, O*, int64_t,      \
                                    const T*, int64_t, int64_t, int64_t, int64_t, int64_t, bool);  \
-  template void gemm_lanes_tile<T, O>(const acc_t<T>*, const T*, int64_t, O*, int64_t, const T*,  \
-                                      int64_t, int64_t, int64_t, int64_t, bool);                  \
+  template void gemm_lanes_tile<T, O>(const acc_t<T>*, const T*, int64_t, int64_t, O*, int64_t,   \
+                                      const T*, int64_t, int64_t, int64_t, int64_t, bool);        \
+  template void grad_weight_rows<T, O>(const acc_t<T>*, int64_t, int64_t, const acc_t<T>*,        \
+                                       int64_t, int64_t, O*, int64_t, bool, int64_t, int64_t);    \
   template void backward_rows<T, O>(const acc_t<T>*, int64_t, const acc_t<T>*, const T*, int64_t, \
                                     int64_t, int64_t, O*, int64_t, bool, acc_t<T>*, int64_t,      \
                                     int64_t);
