@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -94,6 +95,29 @@ inline int64_t batch_rows(const at::Tensor& t) {
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
   return rows;
+}
+
+// The operands of a backward call, flattened to rows and contiguous (W is not copied when it
+// already is), and its freshly allocated grad_input / grad_bias where wanted.
+struct BackwardOperands {
+  at::Tensor x, g, w;       // [R, m], [R, n], [n, m]
+  at::Tensor gi, gi2d, gb;  // grad_input (input's shape) and its [R, m] view; grad_bias [n]
+};
+
+inline BackwardOperands backward_operands(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& weight, bool want_input,
+                                          bool want_bias) {
+  const int64_t n = weight.size(0), m = weight.size(1), rows = batch_rows(input);
+  BackwardOperands o;
+  o.x = input.reshape({rows, m}).contiguous();
+  o.g = grad_output.reshape({rows, n}).contiguous();
+  o.w = weight.contiguous();
+  if (want_input) {
+    o.gi = at::empty(input.sizes(), input.options());
+    o.gi2d = o.gi.view({rows, m});
+  }
+  if (want_bias) o.gb = at::empty({n}, weight.options());
+  return o;
 }
 
 // Shape of y for an input of shape [..., m]: [..., n].

@@ -273,24 +273,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     std::array<bool, 3> output_mask) {
   check_backward_args(grad_output, input, weight);
-  const int64_t n = weight.size(0), m = weight.size(1);
-  auto x = input.reshape({batch_rows(input), m}).contiguous();
-  auto g = grad_output.reshape({batch_rows(grad_output), n}).contiguous();
-  auto w = weight.contiguous();
-  at::Tensor gi, gw, gb;
-  if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
+  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2]);
+  at::Tensor gw;
   if (output_mask[1]) {
-    gw = at::empty({n, m}, weight.options());
+    gw = at::empty(weight.sizes(), weight.options());
     advise_huge_pages(gw);
   }
-  if (output_mask[2]) gb = at::empty({n}, weight.options());
-  at::Tensor gi2d = gi.defined() ? gi.view({batch_rows(gi), m}) : gi;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "torchmatgrad_linear_backward_cpu", [&] {
                                     using T = typename Storage<scalar_t>::type;
-                                    backward_into<T, T>(g, x, w, gi2d, gw, gb, false);
+                                    backward_into<T, T>(o.g, o.x, o.w, o.gi2d, gw, o.gb, false);
                                   });
-  return {gi, gw, gb};
+  return {o.gi, gw, o.gb};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(const at::Tensor& grad_output,
@@ -300,27 +294,20 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(const at::Tens
                                                                   std::array<bool, 2> output_mask) {
   check_backward_args(grad_output, input, weight);
   check_grad_weight_buffer(grad_weight, weight);
-  const int64_t n = weight.size(0), m = weight.size(1);
-  auto x = input.reshape({batch_rows(input), m}).contiguous();
-  auto g = grad_output.reshape({batch_rows(grad_output), n}).contiguous();
-  auto w = weight.contiguous();
-  at::Tensor gi, gb;
-  if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
-  if (output_mask[1]) gb = at::empty({n}, weight.options());
-  at::Tensor gi2d = gi.defined() ? gi.view({batch_rows(gi), m}) : gi;
+  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[1]);
   const bool fp32_master = grad_weight.scalar_type() != weight.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "torchmatgrad_linear_backward_acc_cpu", [&] {
         using T = typename Storage<scalar_t>::type;
         if constexpr (std::is_same_v<T, bf16_t> || std::is_same_v<T, f16_t>) {
           if (fp32_master) {
-            backward_into<T, float>(g, x, w, gi2d, grad_weight, gb, true);
+            backward_into<T, float>(o.g, o.x, o.w, o.gi2d, grad_weight, o.gb, true);
             return;
           }
         }
-        backward_into<T, T>(g, x, w, gi2d, grad_weight, gb, true);
+        backward_into<T, T>(o.g, o.x, o.w, o.gi2d, grad_weight, o.gb, true);
       });
-  return {gi, gb};
+  return {o.gi, o.gb};
 }
 
 TORCH_LIBRARY_IMPL(torchmatgrad, CPU, m) {

@@ -671,21 +671,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
     std::array<bool, 3> output_mask) {
   check_backward_args(grad_output, input, weight);
   c10::cuda::CUDAGuard device_guard(input.device());
-  const int64_t n = weight.size(0), m = weight.size(1);
-  const int64_t R = batch_rows(input);
-  auto x = input.reshape({R, m}).contiguous();
-  auto g = grad_output.reshape({R, n}).contiguous();
-  auto w = weight.contiguous();  // no copy when already contiguous
-  at::Tensor gi, gw, gb;
-  if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
-  if (output_mask[1]) gw = at::empty({n, m}, weight.options());
-  if (output_mask[2]) gb = at::empty({n}, weight.options());
-  at::Tensor gi2d = gi.defined() ? gi.view({R, m}) : gi;
+  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2]);
+  at::Tensor gw;
+  if (output_mask[1]) gw = at::empty(weight.sizes(), weight.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "torchmatgrad_linear_backward_cuda",
-      [&] { backward_into<scalar_t, scalar_t>(g, x, w, gi2d, gw, gb, false, stream); });
-  return {gi, gw, gb};
+      [&] { backward_into<scalar_t, scalar_t>(o.g, o.x, o.w, o.gi2d, gw, o.gb, false, stream); });
+  return {o.gi, gw, o.gb};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cuda(
@@ -694,15 +687,7 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cuda(
   check_backward_args(grad_output, input, weight);
   check_grad_weight_buffer(grad_weight, weight);
   c10::cuda::CUDAGuard device_guard(input.device());
-  const int64_t n = weight.size(0), m = weight.size(1);
-  const int64_t R = batch_rows(input);
-  auto x = input.reshape({R, m}).contiguous();
-  auto g = grad_output.reshape({R, n}).contiguous();
-  auto w = weight.contiguous();  // no copy when already contiguous
-  at::Tensor gi, gb;
-  if (output_mask[0]) gi = at::empty(input.sizes(), input.options());
-  if (output_mask[1]) gb = at::empty({n}, weight.options());
-  at::Tensor gi2d = gi.defined() ? gi.view({R, m}) : gi;
+  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[1]);
   const bool fp32_master = grad_weight.scalar_type() != weight.scalar_type();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -710,13 +695,13 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cuda(
         using T = scalar_t;
         if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
           if (fp32_master) {
-            backward_into<T, float>(g, x, w, gi2d, grad_weight, gb, true, stream);
+            backward_into<T, float>(o.g, o.x, o.w, o.gi2d, grad_weight, o.gb, true, stream);
             return;
           }
         }
-        backward_into<T, T>(g, x, w, gi2d, grad_weight, gb, true, stream);
+        backward_into<T, T>(o.g, o.x, o.w, o.gi2d, grad_weight, o.gb, true, stream);
       });
-  return {gi, gb};
+  return {o.gi, o.gb};
 }
 
 TORCH_LIBRARY_IMPL(torchmatgrad, CUDA, m) {
