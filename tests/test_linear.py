@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference, poison_allocator, rand
+from conftest import DTYPES, assert_matches_reference, poison_allocator, rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,11 +82,26 @@ def test_jacobians_match_autograd(device, dtype):
     torch.testing.assert_close(ref[1].cpu(), delta)
 
 
-@pytest.mark.parametrize("check", OP_CHECKS, ids=lambda c: c.name)
-def test_check_command_cells(device, dtype, check):
+def _op_check_cells():
+    """Every (check, device, dtype) cell of `python -m torchmatgrad check` that applies."""
+    cells = []
+    for check in OP_CHECKS:
+        for dev in ("cpu", "cuda"):
+            for dt in DTYPES:
+                if check.applies(dev, dt) is not None:
+                    continue
+                no_gpu = dev == "cuda" and not torch.cuda.is_available()
+                marks = [pytest.mark.skipif(no_gpu, reason="no CUDA GPU visible")]
+                cells.append(
+                    pytest.param(check, dev, dt, id=f"{check.name}-{dev}-{dt}", marks=marks)
+                )
+    return cells
+
+
+@pytest.mark.parametrize("check,device,dtype", _op_check_cells())
+def test_check_command_cells(check, device, dtype):
     """The cells `python -m torchmatgrad check` prints."""
-    if check.applies(device, dtype) is None:
-        check.run(device, dtype)
+    check.run(device, dtype)
 
 
 def test_check_command_exits_zero(capsys):
