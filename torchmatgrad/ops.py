@@ -34,6 +34,23 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # ---- argument checks (the fake kernels repeat the C++ ones, same messages) -----------------
 
 
+def _check_like_weight(name: str, t: Tensor, weight: Tensor) -> None:
+    torch._check(
+        t.dtype == weight.dtype,
+        lambda: (
+            f"{name} must have the same dtype as weight, got {name} {t.dtype} and "
+            f"weight {weight.dtype}"
+        ),
+    )
+    torch._check(
+        t.device == weight.device,
+        lambda: (
+            f"{name} must be on the same device as weight, got {name} on {t.device} "
+            f"and weight on {weight.device}"
+        ),
+    )
+
+
 def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     torch._check(
         weight.dim() == 2,
@@ -79,20 +96,7 @@ def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> No
                 f"{weight.shape[0]}, got shape {list(bias.shape)}"
             ),
         )
-        torch._check(
-            bias.dtype == weight.dtype,
-            lambda: (
-                f"bias must have the same dtype as weight, got bias {bias.dtype} and "
-                f"weight {weight.dtype}"
-            ),
-        )
-        torch._check(
-            bias.device == weight.device,
-            lambda: (
-                f"bias must be on the same device as weight, got bias on {bias.device} "
-                f"and weight on {weight.device}"
-            ),
-        )
+        _check_like_weight("bias", bias, weight)
 
 
 def _check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> None:
@@ -105,20 +109,7 @@ def _check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> 
             f"got {list(grad_output.shape)}"
         ),
     )
-    torch._check(
-        grad_output.dtype == weight.dtype,
-        lambda: (
-            f"grad_output must have the same dtype as weight, got grad_output "
-            f"{grad_output.dtype} and weight {weight.dtype}"
-        ),
-    )
-    torch._check(
-        grad_output.device == weight.device,
-        lambda: (
-            f"grad_output must be on the same device as weight, got grad_output on "
-            f"{grad_output.device} and weight on {weight.device}"
-        ),
-    )
+    _check_like_weight("grad_output", grad_output, weight)
 
 
 # ---- fake (meta) kernels: shapes only, so torch.compile traces without running kernels -----
