@@ -15,6 +15,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 extern "C" {
 // `import torchmatgrad._C` runs the static registrations below; the module itself holds only
 // build facts.
@@ -22,6 +24,10 @@ PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
+  // Thresholds of the kernel paths, for `info` and the path policy (one source: ops.h).
+  PyModule_AddIntConstant(module, "few_rows", long(torchmatgrad::kFewRows));
+  PyModule_AddIntConstant(module, "cpu_dot_rows", long(torchmatgrad::kCpuDotRows));
+  PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu_isa_name());
 #ifdef TORCHMATGRAD_WITH_CUDA
   PyModule_AddIntConstant(module, "with_cuda", 1);
   PyModule_AddStringConstant(module, "cuda_arch_list", TORCHMATGRAD_CUDA_ARCHS);

@@ -77,6 +77,14 @@ bool cpu_has_avx2() {
 #endif
 }
 
+}  // namespace
+
+const char* cpu_isa_name() {
+  return cpu_has_avx2() ? "avx2" : "baseline";
+}
+
+namespace {
+
 #ifdef TORCHMATGRAD_X86
 #define TORCHMATGRAD_PICK(...) (cpu_has_avx2() ? &cpu_avx2::__VA_ARGS__ : &cpu_base::__VA_ARGS__)
 #else
@@ -125,7 +133,7 @@ void gemm_nt(const cpu_base::acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, 
              const T* bias, int64_t P, int64_t Q, int64_t K, bool accumulate,
              const at::TensorOptions& acc_opts, int64_t ldbk = 1) {
   using A_t = cpu_base::acc_t<T>;
-  if (P <= cpu_base::kDotRows) {
+  if (P <= kCpuDotRows) {
     TORCH_INTERNAL_ASSERT(ldbk == 1, "the dot-product path reads B rows contiguously");
     constexpr int64_t tq = cpu_base::kDotTileQ;
     const int64_t nq = (Q + tq - 1) / tq;

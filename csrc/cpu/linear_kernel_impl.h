@@ -236,7 +236,6 @@ inline void micro_nt_any(int mp, int mq, const acc_t<T>* A, int64_t lda, const T
 #undef TORCHMATGRAD_MICRO
 }
 
-constexpr int64_t kDotRows = 4;    // rows of A handled by the dot-product kernel
 constexpr int64_t kDotTileQ = 16;  // rows of B per tile
 
 // C[p, q] = Σ_k A[p, k]·B[q, k] (+ bias[q]) (+ C[p, q] when accumulate) for the P ≤ 4 rows of
