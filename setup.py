@@ -93,7 +93,7 @@ def get_extensions():
     # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel` (torch's CPU
     # build uses OpenMP); without the flag it silently runs on one thread.
     cxx += ["-ffp-contract=fast", "-Wno-psabi", "-fopenmp"]
-    sources = ["csrc/ops.cpp", "csrc/cpu/linear_kernel.cpp"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
     extra = {"cxx": cxx}

@@ -15,6 +15,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kernel_table.h"
 #include "ops.h"
 
 extern "C" {
@@ -24,10 +25,16 @@ PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-  // Thresholds of the kernel paths, for `info` and the path policy (one source: ops.h).
+  // Thresholds of the kernel paths, for `info` and the path policy (one source: constants.h).
   PyModule_AddIntConstant(module, "few_rows", long(torchmatgrad::kFewRows));
   PyModule_AddIntConstant(module, "cpu_dot_rows", long(torchmatgrad::kCpuDotRows));
-  PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu_isa_name());
+  try {  // TORCHMATGRAD_CPU_ISA may name an ISA this CPU lacks: an ImportError, not a crash
+    PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu::table().isa);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
+    Py_DECREF(module);
+    return nullptr;
+  }
 #ifdef TORCHMATGRAD_WITH_CUDA
   PyModule_AddIntConstant(module, "with_cuda", 1);
   PyModule_AddStringConstant(module, "cuda_arch_list", TORCHMATGRAD_CUDA_ARCHS);

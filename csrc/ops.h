@@ -9,20 +9,9 @@
 #include <optional>
 #include <tuple>
 
+#include "constants.h"
+
 namespace torchmatgrad {
-
-// Rows of x up to which the weight is read once per call (memory-bound regime): the forward
-// keeps every row of x in cache while streaming W, the backward fuses grad_input and grad_weight
-// into one pass over W.
-constexpr int64_t kFewRows = 16;
-
-// Rows of x up to which the CPU forward uses dot products over k (each W row streamed once,
-// 2-8 side by side); from kCpuDotRows + 1 rows on, the rows of x go into the vector lanes.
-constexpr int64_t kCpuDotRows = 4;
-
-// The instruction set the CPU kernels run with on this machine ("avx512", "avx2", "baseline"),
-// picked once from the running CPU.
-const char* cpu_isa_name();
 
 inline bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;

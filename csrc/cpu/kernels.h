@@ -1,41 +1,44 @@
 // ISA-generic CPU micro-kernels for y = x·Wᵀ + b and its backward.
 //
-// This file is deliberately included more than once by linear_kernel.cpp, each time inside its
-// own namespace and under a different `#pragma GCC target` (AVX2+FMA+F16C, and the baseline), so
-// that one source gives one instantiation per instruction set and the launcher picks at run time.
-// Hence: no include guard, no #include here (everything is included by the including file), and
-// nothing torch-specific: kernels see raw pointers, sizes and row strides only.
+// Each ISA unit (isa_baseline.cpp, isa_avx2.cpp, isa_avx512.cpp) includes this file once,
+// inside its own namespace and under its own `#pragma GCC target`, with
+// TORCHMATGRAD_VEC_BYTES (32 or 64) saying how wide a vector is and TORCHMATGRAD_F16C /
+// TORCHMATGRAD_AVX512 which conversion instructions exist; `make_table()` at the end gives that
+// unit's Table (kernel_table.h). Hence no include guard and no #include here (the unit includes
+// what is needed first), and nothing torch-specific: kernels see raw pointers, sizes and row
+// strides only.
 //
 // Storage types: float, double, and the 16-bit tags bf16_t / f16_t (same bits as
 // c10::BFloat16 / c10::Half). 16-bit values are widened to float on load and every sum is
 // accumulated in float (double for double).
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename Acc<T>::type;
+#ifndef TORCHMATGRAD_VEC_BYTES
+#define TORCHMATGRAD_VEC_BYTES 32
+#endif
 
-typedef float f32v __attribute__((vector_size(32)));
-typedef double f64v __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef float f32v __attribute__((vector_size(TORCHMATGRAD_VEC_BYTES)));
+typedef double f64v __attribute__((vector_size(TORCHMATGRAD_VEC_BYTES)));
+// As many 16-bit / 32-bit integers as a float vector has lanes (16-bit conversions).
+typedef uint16_t u16h __attribute__((vector_size(TORCHMATGRAD_VEC_BYTES / 2)));
+typedef uint32_t u32v __attribute__((vector_size(TORCHMATGRAD_VEC_BYTES)));
 
 template <typename A>
 struct VecOf {
   using type = f32v;
-  static constexpr int64_t lanes = 8;
+  static constexpr int64_t lanes = TORCHMATGRAD_VEC_BYTES / 4;
 };
 template <>
 struct VecOf<double> {
   using type = f64v;
-  static constexpr int64_t lanes = 4;
+  static constexpr int64_t lanes = TORCHMATGRAD_VEC_BYTES / 8;
 };
+
+// Rows of x per block of the lanes kernels: two float vectors (16 rows with AVX2, 32 with
+// AVX-512), so a block feeds 2 float (4 double) vectors per broadcast W element.
+constexpr int64_t kLanesBlock = 2 * (TORCHMATGRAD_VEC_BYTES / 4);
+// Accumulator vectors a register tile may hold beside its operands: 12 of 16 registers (AVX2,
+// baseline), 24 of 32 (AVX-512).
+constexpr int kAccRegs = TORCHMATGRAD_VEC_BYTES == 64 ? 24 : 12;
 
 // ---- scalar conversions -------------------------------------------------------------------
 inline float to_acc(bf16_t v) {
@@ -92,25 +95,24 @@ inline typename VecOf<acc_t<T>>::type vload(const T* p) {
 }
 template <>
 inline f32v vload<bf16_t>(const bf16_t* p) {
-#ifdef TORCHMATGRAD_F16C
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-#else
-  u16x8 h;
-  std::memcpy(&h, p, 16);
-  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  // bf16 is the top half of a float: widen and shift (vpmovzxwd + vpslld).
+  u16h h;
+  std::memcpy(&h, p, sizeof(h));
+  u32v w = __builtin_convertvector(h, u32v) << 16;
   f32v r;
-  std::memcpy(&r, &w, 32);
+  std::memcpy(&r, &w, sizeof(r));
   return r;
-#endif
 }
 template <>
 inline f32v vload<f16_t>(const f16_t* p) {
-#ifdef TORCHMATGRAD_F16C
+#if defined(TORCHMATGRAD_AVX512)
+  // The zero-masked forms: GCC 12 warns on the unmasked ones (an undefined pass-through).
+  return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(TORCHMATGRAD_F16C)
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   f32v r;
-  for (int i = 0; i < 8; ++i) r[i] = to_acc(p[i]);
+  for (int i = 0; i < int(VecOf<float>::lanes); ++i) r[i] = to_acc(p[i]);
   return r;
 #endif
 }
@@ -121,20 +123,22 @@ inline void vstore(O* p, typename VecOf<acc_t<O>>::type v) {
 }
 template <>
 inline void vstore<bf16_t>(bf16_t* p, f32v v) {
-  u32x8 u;
-  std::memcpy(&u, &v, 32);
-  u32x8 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const u32x8 qnan = {0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0};
-  r = (v != v) ? qnan : r;
-  u16x8 h = __builtin_convertvector(r, u16x8);
-  std::memcpy(p, &h, 16);
+  u32v u;
+  std::memcpy(&u, &v, sizeof(u));
+  u32v r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = (v != v) ? u32v{} + 0x7fc0u : r;  // NaN stays a quiet NaN
+  u16h h = __builtin_convertvector(r, u16h);
+  std::memcpy(p, &h, sizeof(h));
 }
 template <>
 inline void vstore<f16_t>(f16_t* p, f32v v) {
-#ifdef TORCHMATGRAD_F16C
+#if defined(TORCHMATGRAD_AVX512)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_maskz_cvtps_ph(0xffff, v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(TORCHMATGRAD_F16C)
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 #else
-  for (int i = 0; i < 8; ++i) p[i] = from_acc<f16_t>(v[i]);
+  for (int i = 0; i < int(VecOf<float>::lanes); ++i) p[i] = from_acc<f16_t>(v[i]);
 #endif
 }
 
@@ -142,14 +146,19 @@ inline void vstore<f16_t>(f16_t* p, f32v v) {
 // lines are not read from memory first (saves one of three passes over grad_W).
 template <typename O>
 inline void vstore_stream(O* p, typename VecOf<acc_t<O>>::type v) {
-#ifdef TORCHMATGRAD_F16C
   if constexpr (std::is_same_v<O, float>) {
+#if defined(TORCHMATGRAD_AVX512)
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      _mm512_stream_ps(p, v);
+      return;
+    }
+#elif defined(TORCHMATGRAD_F16C)
     if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
       _mm256_stream_ps(p, v);
       return;
     }
-  }
 #endif
+  }
   vstore(p, v);
 }
 
@@ -236,8 +245,6 @@ inline void micro_nt_any(int mp, int mq, const acc_t<T>* A, int64_t lda, const T
 #undef TORCHMATGRAD_MICRO
 }
 
-constexpr int64_t kDotTileQ = 16;  // rows of B per tile
-
 // C[p, q] = Σ_k A[p, k]·B[q, k] (+ bias[q]) (+ C[p, q] when accumulate) for the P ≤ 4 rows of
 // A and q ∈ [q0, q1), q1 - q0 ≤ kDotTileQ: the memory-bound case (a vector or a few). Each row
 // of B (the weight) streams start to end once, 2 or 4 rows side by side, while the rows of A
@@ -267,15 +274,16 @@ void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C,
   }
 }
 
-// ---- 5 or more rows: rows of x in the vector lanes ----------------------------------
+// ---- more than kCpuDotRows rows: rows of x in the vector lanes ---------------------------
 //
-// y[p, q] = Σ_k xT[k, p]·W[q, k] with p (the rows of x, ≤ 16, zero-padded to 16) across the
-// lanes: each step broadcasts one element of QR rows of W against PV vectors of xT[k, :], so
-// the sums stay in registers for the whole of k (no horizontal sums, no partial buffers) and W
-// streams through once, QR rows side by side. xT [K, 16] is x transposed by the launcher.
+// y[p, q] = Σ_k xT[k, p]·W[q, k] with p (the rows of x, ≤ kLanesBlock, zero-padded) across
+// the lanes: each step broadcasts one element of QR rows of W against PV vectors of xT[k, :],
+// so the sums stay in registers for the whole of k (no horizontal sums, no partial buffers)
+// and W streams through once, QR rows side by side. xT [K, kLanesBlock] is one block of x
+// transposed by the launcher.
 template <int PV, int QR, int U, typename T>
 inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, int64_t K,
-                        acc_t<T> (*out)[16]) {
+                        acc_t<T> (*out)[kLanesBlock]) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
@@ -285,7 +293,7 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk
       for (int v = 0; v < PV; ++v) acc[u][i][v] = V{};
   auto step = [&](int u, int64_t k) {
     V a[PV];
-    for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * 16 + v * N);
+    for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * kLanesBlock + v * N);
     for (int i = 0; i < QR; ++i) {
       const A_t w = to_acc(W[i * ldq + k * ldk]);
       for (int v = 0; v < PV; ++v) acc[u][i][v] += a[v] * w;
@@ -318,11 +326,12 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk,
                        const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1,
                        bool accumulate) {
   using A_t = acc_t<T>;
-  // ≤ 12 accumulators + PV operands + 1 broadcast fit 16 registers; 6 rows of W (streams) at a
-  // time, and a second set of sums over alternate k when one vector holds all rows of x.
-  constexpr int QR = PV <= 2 ? 6 : 12 / PV;
+  // ≤ kAccRegs accumulators + PV operands + 1 broadcast fit the register file; QR rows of W
+  // (streams) at a time, and a second set of sums over alternate k when one vector holds all
+  // rows of x.
+  constexpr int QR = PV <= 2 ? kAccRegs / 2 : kAccRegs / PV;
   constexpr int U = PV == 1 ? 2 : 1;
-  A_t out[QR][16];
+  A_t out[QR][kLanesBlock];
   for (int64_t q = q0; q < q1;) {
     const int64_t rows = std::min<int64_t>(QR, q1 - q);
     const T* w = W + q * ldq;
@@ -344,26 +353,17 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk,
   }
 }
 
-// C[p, q] for the P ≤ 16 rows of one block of xT and q ∈ [q0, q1); element (q, k) of the
-// second operand is W[q·ldq + k·ldk] (ldk = 1: W itself; ldq = 1: W transposed, read in place).
+// C[p, q] for the P ≤ kLanesBlock rows of one block of xT and q ∈ [q0, q1); element (q, k) of
+// the second operand is W[q·ldq + k·ldk] (ldk = 1: W itself; ldq = 1: W transposed, read in
+// place).
 template <typename T, typename O>
 void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O* C, int64_t ldc,
                      const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1, bool accumulate) {
-  constexpr int64_t N = VecOf<acc_t<T>>::lanes;  // 16 rows are 2 float or 4 double vectors
-  const int64_t pv = (P + N - 1) / N;
-  if constexpr (N == 8) {
-    if (pv == 1)
-      lanes_rows<1>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate);
-    else
-      lanes_rows<2>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate);
-  } else {
-    switch (pv) {
-      case 1: lanes_rows<1>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
-      case 2: lanes_rows<2>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
-      case 3: lanes_rows<3>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
-      default: lanes_rows<4>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate); break;
-    }
-  }
+  constexpr int64_t N = VecOf<acc_t<T>>::lanes;
+  constexpr int kMaxVecs = int(kLanesBlock / N);  // a block is 2 float or 4 double vectors
+  switch_int<1, kMaxVecs>((P + N - 1) / N, [&](auto pv) {
+    lanes_rows<decltype(pv)::value>(xT, W, ldq, ldk, C, ldc, bias, K, P, q0, q1, accumulate);
+  });
 }
 
 // ---- backward for few rows -----------------------------------------------------------------
@@ -436,7 +436,7 @@ inline void grad_input_group(const acc_t<T>* G, int64_t n, const T* W, int64_t l
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
-  A_t g[16][JR];
+  A_t g[kFewRows][JR];
   for (int64_t r = 0; r < R; ++r)
     for (int a = 0; a < JR; ++a) g[r][a] = G[r * n + j + a];
   int64_t k = 0;
@@ -488,29 +488,30 @@ void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t
   }
 }
 
-// Explicit instantiations: the launcher takes their addresses per instruction set.
-#define TORCHMATGRAD_INSTANTIATE(T, O)                                                            \
-  template void gemm_nt_tile<T, O>(const acc_t<T>*, int64_t, const T*, int64_t, O*, int64_t,      \
-                                   const T*, int64_t, int64_t, int64_t, int64_t, int64_t, bool);  \
-  template void gemm_lanes_tile<T, O>(const acc_t<T>*, const T*, int64_t, int64_t, O*, int64_t,   \
-                                      const T*, int64_t, int64_t, int64_t, int64_t, bool);        \
-  template void grad_weight_rows<T, O>(const acc_t<T>*, int64_t, int64_t, const acc_t<T>*,        \
-                                       int64_t, int64_t, O*, int64_t, bool, int64_t, int64_t);    \
-  template void backward_rows<T, O>(const acc_t<T>*, int64_t, const acc_t<T>*, const T*, int64_t, \
-                                    int64_t, int64_t, O*, int64_t, bool, acc_t<T>*, int64_t,      \
-                                    int64_t);
-TORCHMATGRAD_INSTANTIATE(float, float)
-TORCHMATGRAD_INSTANTIATE(double, double)
-TORCHMATGRAD_INSTANTIATE(bf16_t, bf16_t)
-TORCHMATGRAD_INSTANTIATE(f16_t, f16_t)
-TORCHMATGRAD_INSTANTIATE(bf16_t, float)
-TORCHMATGRAD_INSTANTIATE(f16_t, float)
-#undef TORCHMATGRAD_INSTANTIATE
-template void column_sum<float>(const float*, int64_t, int64_t, int64_t, int64_t, float*);
-template void column_sum<double>(const double*, int64_t, int64_t, int64_t, int64_t, double*);
-template void column_sum<bf16_t>(const bf16_t*, int64_t, int64_t, int64_t, int64_t, float*);
-template void column_sum<f16_t>(const f16_t*, int64_t, int64_t, int64_t, int64_t, float*);
-template void reduce_partials<float>(const float*, int64_t, int64_t, int64_t, int64_t, float*);
-template void reduce_partials<double>(const double*, int64_t, int64_t, int64_t, int64_t, double*);
-template void reduce_partials<bf16_t>(const float*, int64_t, int64_t, int64_t, int64_t, bf16_t*);
-template void reduce_partials<f16_t>(const float*, int64_t, int64_t, int64_t, int64_t, f16_t*);
+// ---- this unit's table ---------------------------------------------------------------------
+
+template <typename T, typename O>
+constexpr Kernels<T, O> kernel_set() {
+  return {&gemm_nt_tile<T, O>, &gemm_lanes_tile<T, O>, &grad_weight_rows<T, O>,
+          &backward_rows<T, O>};
+}
+
+template <typename T>
+constexpr Reductions<T> reduction_set() {
+  return {&column_sum<T>, &reduce_partials<T>};
+}
+
+inline Table make_table(const char* isa) {
+  return {isa,
+          kLanesBlock,
+          kernel_set<float, float>(),
+          kernel_set<double, double>(),
+          kernel_set<bf16_t, bf16_t>(),
+          kernel_set<f16_t, f16_t>(),
+          kernel_set<bf16_t, float>(),
+          kernel_set<f16_t, float>(),
+          reduction_set<float>(),
+          reduction_set<double>(),
+          reduction_set<bf16_t>(),
+          reduction_set<f16_t>()};
+}

@@ -1,9 +1,9 @@
-// Hand-written CPU kernels for torchmatgrad::linear and its backward, and their registration.
+// The CPU launchers of torchmatgrad::linear and its backward, and their registration.
 //
-// Layout decisions (the launcher's, not the kernels'): x and grad_output are flattened to
+// Layout decisions (the launchers', not the kernels'): x and grad_output are flattened to
 // [R, ·] row-major copies when not already; a non-contiguous weight is copied once. The kernels
-// live in linear_kernel_impl.h and are compiled twice, for AVX2+FMA+F16C and for the baseline
-// instruction set; the first call picks one from the running CPU.
+// (kernels.h) are compiled once per instruction set (isa_*.cpp) and reached through the table
+// of the ISA the running CPU has (kernel_table.h, isa.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -13,10 +13,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "../ops.h"
+#include "kernel_table.h"
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -28,32 +28,14 @@
 #endif
 
 namespace torchmatgrad {
-
-// Storage tags with the bits of c10::BFloat16 / c10::Half, so the kernels need no torch header.
-struct bf16_t {
-  uint16_t x;
-};
-struct f16_t {
-  uint16_t x;
-};
-
-#ifdef TORCHMATGRAD_X86
-namespace cpu_avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define TORCHMATGRAD_F16C 1
-#include "linear_kernel_impl.h"
-#undef TORCHMATGRAD_F16C
-#pragma GCC pop_options
-}  // namespace cpu_avx2
-#endif
-
-namespace cpu_base {
-#include "linear_kernel_impl.h"
-}  // namespace cpu_base
-
 namespace {
 
+using cpu::acc_t;
+using cpu::bf16_t;
+using cpu::f16_t;
+using cpu::kDotTileQ;
+
+// The storage tag of a c10 scalar type (same bits), so kernels need no torch header.
 template <typename S>
 struct Storage {
   using type = S;
@@ -67,29 +49,15 @@ struct Storage<c10::Half> {
   using type = f16_t;
 };
 
-bool cpu_has_avx2() {
-#ifdef TORCHMATGRAD_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
+template <typename T, typename O>
+const cpu::Kernels<T, O>& kernels() {
+  return cpu::kernels<T, O>(cpu::table());
 }
 
-}  // namespace
-
-const char* cpu_isa_name() {
-  return cpu_has_avx2() ? "avx2" : "baseline";
+template <typename T>
+const cpu::Reductions<T>& reductions() {
+  return cpu::reductions<T>(cpu::table());
 }
-
-namespace {
-
-#ifdef TORCHMATGRAD_X86
-#define TORCHMATGRAD_PICK(...) (cpu_has_avx2() ? &cpu_avx2::__VA_ARGS__ : &cpu_base::__VA_ARGS__)
-#else
-#define TORCHMATGRAD_PICK(...) (&cpu_base::__VA_ARGS__)
-#endif
 
 template <typename T>
 T* ptr(const at::Tensor& t) {
@@ -123,37 +91,39 @@ at::ScalarType acc_dtype(at::ScalarType t) {
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
 // C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), A widened, all row-major.
-// 1..4 rows of A (memory-bound): dot products over K, tiles of 16 rows of B spread over
-// threads, each row of B (the weight, in the forward) read from memory once.
-// 5 or more rows: A is transposed once into blocks of 16 rows, [P/16, K, 16] zero-padded, and
-// the rows of A go into the vector lanes; tiles of (16 rows of A) × (96 rows of B) are spread
-// over threads, so a block of B stays in cache while the row blocks of A pass over it.
+// Up to kCpuDotRows rows of A (memory-bound): dot products over K, tiles of kDotTileQ rows of B
+// spread over threads, each row of B (the weight, in the forward) read from memory once.
+// More rows: A is transposed once into blocks of tp = lanes_block rows (16 with AVX2, 32 with
+// AVX-512), [P/tp, K, tp] zero-padded, and the rows of A go into the vector lanes; tiles of
+// (tp rows of A) × (96 rows of B) are spread over threads, so a block of B stays in cache while
+// the row blocks of A pass over it.
 template <typename T, typename O>
-void gemm_nt(const cpu_base::acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
+void gemm_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int64_t ldc,
              const T* bias, int64_t P, int64_t Q, int64_t K, bool accumulate,
              const at::TensorOptions& acc_opts, int64_t ldbk = 1) {
-  using A_t = cpu_base::acc_t<T>;
+  using A_t = acc_t<T>;
   if (P <= kCpuDotRows) {
     TORCH_INTERNAL_ASSERT(ldbk == 1, "the dot-product path reads B rows contiguously");
-    constexpr int64_t tq = cpu_base::kDotTileQ;
+    constexpr int64_t tq = kDotTileQ;
     const int64_t nq = (Q + tq - 1) / tq;
     const int64_t grain =
         std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, P * tq * K));
-    auto fn = TORCHMATGRAD_PICK(gemm_nt_tile<T, O>);
+    auto fn = kernels<T, O>().gemm_nt_tile;
     at::parallel_for(0, nq, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         fn(A, lda, B, ldb, C, ldc, bias, K, 0, P, t * tq, std::min(Q, (t + 1) * tq), accumulate);
     });
     return;
   }
-  constexpr int64_t tp = 16, tq = 96;
+  const int64_t tp = cpu::table().lanes_block;
+  constexpr int64_t tq = 96;
   const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;
   auto a = at::from_blob(const_cast<A_t*>(A), {P, K}, {lda, 1}, acc_opts);
   auto xt = at::zeros({np * tp, K}, acc_opts);
   xt.narrow(0, 0, P).copy_(a);
-  xt = xt.view({np, tp, K}).transpose(1, 2).contiguous();  // [np, K, 16]
+  xt = xt.view({np, tp, K}).transpose(1, 2).contiguous();  // [np, K, tp]
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, tp * tq * K));
-  auto fn = TORCHMATGRAD_PICK(gemm_lanes_tile<T, O>);
+  auto fn = kernels<T, O>().gemm_lanes_tile;
   at::parallel_for(0, np * nq, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       // q-block major: consecutive tiles of a thread share the same rows of B.
@@ -169,10 +139,10 @@ template <typename T>
 void bias_grad(const at::Tensor& g2d, const at::Tensor& gb) {
   const int64_t R = g2d.size(0), n = g2d.size(1);
   auto acc = at::empty({n}, g2d.options().dtype(acc_dtype(g2d.scalar_type())));
-  auto fn = TORCHMATGRAD_PICK(column_sum<T>);
+  auto fn = reductions<T>().column_sum;
   at::parallel_for(
       0, n, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, R)),
-      [&](int64_t q0, int64_t q1) { fn(ptr<T>(g2d), n, R, q0, q1, ptr<cpu_base::acc_t<T>>(acc)); });
+      [&](int64_t q0, int64_t q1) { fn(ptr<T>(g2d), n, R, q0, q1, ptr<acc_t<T>>(acc)); });
   gb.copy_(acc);
 }
 
@@ -183,7 +153,7 @@ template <typename T, typename O>
 void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tensor& w,
                    const at::Tensor& gi, const at::Tensor& gw, const at::Tensor& gb,
                    bool accumulate) {
-  using A_t = cpu_base::acc_t<T>;
+  using A_t = acc_t<T>;
   const int64_t R = g2d.size(0), n = w.size(0), m = w.size(1);
   if (gb.defined()) bias_grad<T>(g2d, gb);
   if (!gi.defined() && !gw.defined()) return;
@@ -204,7 +174,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
         1, std::min<int64_t>({at::get_num_threads(), groups, (R * n * m) / kMinWorkPerThread}));
     at::Tensor partial;
     if (gi.defined()) partial = at::zeros({nchunks, R, m}, acc_opts);
-    auto fn = TORCHMATGRAD_PICK(backward_rows<T, O>);
+    auto fn = kernels<T, O>().backward_rows;
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
 #ifdef TORCHMATGRAD_X86
       struct StoreFence {  // order the kernel's non-temporal stores before the join
@@ -220,7 +190,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
       }
     });
     if (gi.defined()) {
-      auto red = TORCHMATGRAD_PICK(reduce_partials<T>);
+      auto red = reductions<T>().reduce_partials;
       at::parallel_for(0, R * m, kMinWorkPerThread, [&](int64_t i0, int64_t i1) {
         red(ptr<A_t>(partial), nchunks, R * m, i0, i1, ptr<T>(gi));
       });
@@ -232,7 +202,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   if (gw.defined()) {
     auto gt = g2d.t().to(acc_opts).contiguous();  // [n, R]
     auto x = x2d.to(acc_opts).contiguous();       // [R, m]
-    auto fn = TORCHMATGRAD_PICK(grad_weight_rows<T, O>);
+    auto fn = kernels<T, O>().grad_weight_rows;
     const int64_t groups = (n + 3) / 4;
     const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 4 * R * m));
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
@@ -269,7 +239,7 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                     "torchmatgrad_linear_cpu", [&] {
                                       using T = typename Storage<scalar_t>::type;
-                                      using A_t = cpu_base::acc_t<T>;
+                                      using A_t = acc_t<T>;
                                       gemm_nt<T, T>(ptr<A_t>(x), m, ptr<T>(w), m, ptr<T>(y), n,
                                                     ptr<T>(b), R, n, m, false, x.options());
                                     });

@@ -1,0 +1,47 @@
+// Which ISA unit's kernels the launchers use: the widest the running CPU supports, unless the
+// environment variable TORCHMATGRAD_CPU_ISA names a narrower one (baseline, avx2, avx512) — for
+// tests and benchmarks of every variant on one machine. Picked once per process.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include <c10/util/Exception.h>
+
+#include "kernel_table.h"
+
+namespace torchmatgrad::cpu {
+namespace {
+
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (std::strcmp(isa, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (std::strcmp(isa, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#endif
+  return std::strcmp(isa, "baseline") == 0;
+}
+
+const Table* pick() {
+  // Widest first.
+  const Table* candidates[] = {table_avx512(), table_avx2(), table_baseline()};
+  const char* wanted = std::getenv("TORCHMATGRAD_CPU_ISA");
+  for (const Table* t : candidates) {
+    if (t == nullptr || !cpu_has(t->isa)) continue;
+    if (wanted == nullptr || *wanted == '\0' || std::strcmp(wanted, t->isa) == 0) return t;
+  }
+  TORCH_CHECK(false, "TORCHMATGRAD_CPU_ISA must name an instruction set this CPU and build ",
+              "support (baseline, avx2, avx512), got '", wanted, "'");
+}
+
+}  // namespace
+
+const Table& table() {
+  static const Table* t = pick();
+  return *t;
+}
+
+}  // namespace torchmatgrad::cpu

@@ -1,0 +1,24 @@
+// The CPU kernels for the baseline instruction set (SSE2 on x86-64; whatever the compiler targets
+// elsewhere), GCC vectors of 32 bytes.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../constants.h"
+#include "../switch.h"
+#include "kernel_table.h"
+
+#define TORCHMATGRAD_VEC_BYTES 32
+
+namespace torchmatgrad::cpu {
+namespace baseline {
+#include "kernels.h"
+}  // namespace baseline
+
+const Table* table_baseline() {
+  static const Table table = baseline::make_table("baseline");
+  return &table;
+}
+
+}  // namespace torchmatgrad::cpu
