@@ -16,4 +16,13 @@ constexpr int64_t kFewRows = 16;
 // 2-8 side by side); from kCpuDotRows + 1 rows on, the rows of x go into the vector lanes.
 constexpr int64_t kCpuDotRows = 4;
 
+// ---- path policy (policy.h) --------------------------------------------------------------
+// Weight sizes n·m are put in buckets by these upper bounds (64², 128², ..., 4096²; the last
+// bucket takes everything larger); each (device, op, dtype, size bucket) has a crossover: the
+// hand-written kernel runs for rows ≤ crossover, the vendor route (ATen mm/addmm) above it.
+constexpr int64_t kPathSizeEdges[] = {int64_t(1) << 12, int64_t(1) << 14, int64_t(1) << 16,
+                                      int64_t(1) << 18, int64_t(1) << 20, int64_t(1) << 22,
+                                      int64_t(1) << 24};
+constexpr int kPathSizeBuckets = int(sizeof(kPathSizeEdges) / sizeof(kPathSizeEdges[0])) + 1;
+
 }  // namespace torchmatgrad

@@ -15,8 +15,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <iterator>
+
 #include "cpu/kernel_table.h"
 #include "ops.h"
+#include "policy.h"
 
 extern "C" {
 // `import torchmatgrad._C` runs the static registrations below; the module itself holds only
@@ -28,6 +31,14 @@ PyObject* PyInit__C(void) {
   // Thresholds of the kernel paths, for `info` and the path policy (one source: constants.h).
   PyModule_AddIntConstant(module, "few_rows", long(torchmatgrad::kFewRows));
   PyModule_AddIntConstant(module, "cpu_dot_rows", long(torchmatgrad::kCpuDotRows));
+  PyObject* edges = PyTuple_New(std::size(torchmatgrad::kPathSizeEdges));
+  for (size_t i = 0; edges != nullptr && i < std::size(torchmatgrad::kPathSizeEdges); ++i)
+    PyTuple_SET_ITEM(edges, i, PyLong_FromLongLong(torchmatgrad::kPathSizeEdges[i]));
+  if (edges == nullptr || PyModule_AddObject(module, "path_size_edges", edges) < 0) {
+    Py_XDECREF(edges);
+    Py_DECREF(module);
+    return nullptr;
+  }
   try {  // TORCHMATGRAD_CPU_ISA may name an ISA this CPU lacks: an ImportError, not a crash
     PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu::table().isa);
   } catch (const c10::Error& e) {
@@ -54,4 +65,10 @@ TORCH_LIBRARY(torchmatgrad, m) {
   m.def(
       "linear_backward_accumulate_(Tensor grad_output, Tensor input, Tensor weight, "
       "Tensor(a!) grad_weight, bool[2] output_mask) -> (Tensor, Tensor)");
+  // The path policy's controls (policy.h); torchmatgrad/policy.py is their Python face.
+  m.def("_set_path_table(str device_type, Tensor crossover) -> ()",
+        &torchmatgrad::policy::set_path_table);
+  m.def("_set_path_override(int path) -> ()", &torchmatgrad::policy::set_path_override);
+  m.def("_path(str device_type, ScalarType dtype, str op, int rows, int n, int m) -> str",
+        &torchmatgrad::policy::path_of);
 }

@@ -203,11 +203,6 @@ def _linear_backward_grads(ctx, ggi, ggw, ggb, linear_fn, backward_fn):
 
 
 torch.library.register_autograd(
-    "torchmatgrad::linear",
-    lambda ctx, g: _linear_grads(ctx, g, _ops.linear_backward),
-    setup_context=_linear_setup_context,
-)
-torch.library.register_autograd(
     "torchmatgrad::linear_backward",
     lambda ctx, ggi, ggw, ggb: _linear_backward_grads(
         ctx, ggi, ggw, ggb, _ops.linear, _ops.linear_backward

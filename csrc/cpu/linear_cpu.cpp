@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "../ops.h"
+#include "../vendor.h"
 #include "kernel_table.h"
 
 #ifdef __linux__
@@ -228,6 +229,8 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
 at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) {
   check_linear_args(input, weight, bias);
+  if (use_vendor(policy::kForward, input, weight))
+    return linear_forward_vendor(input, weight, bias);
   const int64_t n = weight.size(0), m = weight.size(1);
   // x is widened to the accumulation type once (it is small next to W); W stays as stored.
   auto x = input.reshape({batch_rows(input), m}).to(acc_dtype(input.scalar_type())).contiguous();
@@ -251,6 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     std::array<bool, 3> output_mask) {
   check_backward_args(grad_output, input, weight);
+  if (use_vendor(policy::kBackward, input, weight))
+    return linear_backward_vendor(grad_output, input, weight, output_mask);
   auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2]);
   at::Tensor gw;
   if (output_mask[1]) {
@@ -272,6 +277,8 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(const at::Tens
                                                                   std::array<bool, 2> output_mask) {
   check_backward_args(grad_output, input, weight);
   check_grad_weight_buffer(grad_weight, weight);
+  if (use_vendor(policy::kAccumulate, input, weight))
+    return linear_backward_accumulate_vendor(grad_output, input, weight, grad_weight, output_mask);
   auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[1]);
   const bool fp32_master = grad_weight.scalar_type() != weight.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "../ops.h"
+#include "../vendor.h"
 #include "common.cuh"
 
 namespace torchmatgrad {
@@ -73,6 +74,8 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
 at::Tensor linear_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias) {
   check_linear_args(input, weight, bias);
+  if (use_vendor(policy::kForward, input, weight))
+    return linear_forward_vendor(input, weight, bias);
   c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t n = weight.size(0), m = weight.size(1);
   const int64_t R = batch_rows(input);
@@ -99,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     std::array<bool, 3> output_mask) {
   check_backward_args(grad_output, input, weight);
+  if (use_vendor(policy::kBackward, input, weight))
+    return linear_backward_vendor(grad_output, input, weight, output_mask);
   c10::cuda::CUDAGuard device_guard(input.device());
   auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2]);
   at::Tensor gw;
@@ -115,6 +120,8 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cuda(
     at::Tensor& grad_weight, std::array<bool, 2> output_mask) {
   check_backward_args(grad_output, input, weight);
   check_grad_weight_buffer(grad_weight, weight);
+  if (use_vendor(policy::kAccumulate, input, weight))
+    return linear_backward_accumulate_vendor(grad_output, input, weight, grad_weight, output_mask);
   c10::cuda::CUDAGuard device_guard(input.device());
   auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[1]);
   const bool fp32_master = grad_weight.scalar_type() != weight.scalar_type();

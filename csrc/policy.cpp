@@ -1,0 +1,112 @@
+// The path table behind policy.h. Reads are lock-free (relaxed atomics: a call racing with an
+// install may see either table, both valid); installs are rare (import, `tune`).
+#include "policy.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "constants.h"
+
+namespace torchmatgrad::policy {
+namespace {
+
+constexpr int kDevices = 2;  // CPU, CUDA
+constexpr int kDtypes = 4;   // float32, float64, bfloat16, float16
+
+// Until Python installs the measured table: the kernel for the few-rows (memory-bound) regime,
+// the vendor route above it.
+struct Table {
+  std::atomic<int64_t> crossover[kDevices][kNumOps][kDtypes][kPathSizeBuckets];
+  Table() {
+    for (auto& d : crossover)
+      for (auto& o : d)
+        for (auto& t : o)
+          for (auto& c : t) c.store(kFewRows, std::memory_order_relaxed);
+  }
+};
+
+Table& table() {
+  static Table t;
+  return t;
+}
+
+std::atomic<int64_t> g_override{0};
+
+int device_index(c10::DeviceType d) {
+  return d == c10::DeviceType::CUDA ? 1 : 0;
+}
+
+int device_index(const std::string& name) {
+  if (name == "cpu") return 0;
+  if (name == "cuda") return 1;
+  TORCH_CHECK(false, "device_type must be 'cpu' or 'cuda', got '", name, "'");
+}
+
+int dtype_index(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kBFloat16: return 2;
+    case at::kHalf: return 3;
+    default: TORCH_CHECK(false, "no path policy for dtype ", t);
+  }
+}
+
+int size_bucket(int64_t n, int64_t m) {
+  const int64_t elems = n * m;
+  return int(std::lower_bound(std::begin(kPathSizeEdges), std::end(kPathSizeEdges), elems) -
+             std::begin(kPathSizeEdges));
+}
+
+Op op_index(const std::string& op) {
+  if (op == "forward") return kForward;
+  if (op == "backward") return kBackward;
+  if (op == "accumulate") return kAccumulate;
+  TORCH_CHECK(false, "op must be 'forward', 'backward' or 'accumulate', got '", op, "'");
+}
+
+}  // namespace
+
+bool use_vendor(c10::DeviceType device, at::ScalarType dtype, Op op, int64_t rows, int64_t n,
+                int64_t m) {
+  const int64_t forced = g_override.load(std::memory_order_relaxed);
+  if (forced != 0) return forced == 2;
+  const int64_t crossover =
+      table().crossover[device_index(device)][op][dtype_index(dtype)][size_bucket(n, m)].load(
+          std::memory_order_relaxed);
+  return rows > crossover;
+}
+
+void set_path_table(const std::string& device_type, const at::Tensor& crossover) {
+  const int dev = device_index(device_type);
+  TORCH_CHECK(crossover.device().is_cpu() && crossover.scalar_type() == at::kLong &&
+                  crossover.dim() == 3 && crossover.size(0) == kNumOps &&
+                  crossover.size(1) == kDtypes && crossover.size(2) == kPathSizeBuckets,
+              "crossover must be an int64 CPU tensor of shape [", int(kNumOps), ", ", kDtypes, ", ",
+              kPathSizeBuckets, "], got ", crossover.scalar_type(), " ", crossover.sizes(), " on ",
+              crossover.device());
+  const auto c = crossover.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  auto& t = table().crossover[dev];
+  for (int o = 0; o < kNumOps; ++o)
+    for (int d = 0; d < kDtypes; ++d)
+      for (int s = 0; s < kPathSizeBuckets; ++s)
+        t[o][d][s].store(p[(o * kDtypes + d) * kPathSizeBuckets + s], std::memory_order_relaxed);
+}
+
+void set_path_override(int64_t path) {
+  TORCH_CHECK(path >= 0 && path <= 2, "path must be 0 (auto), 1 (kernel) or 2 (vendor), got ",
+              path);
+  g_override.store(path, std::memory_order_relaxed);
+}
+
+std::string path_of(const std::string& device_type, at::ScalarType dtype, const std::string& op,
+                    int64_t rows, int64_t n, int64_t m) {
+  const auto device = device_index(device_type) == 1 ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+  return use_vendor(device, dtype, op_index(op), rows, n, m) ? "vendor" : "kernel";
+}
+
+}  // namespace torchmatgrad::policy

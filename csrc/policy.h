@@ -1,0 +1,32 @@
+// Which path an op call takes: the hand-written kernel or the vendor route through ATen
+// (mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA). The decision is data: per device type, op,
+// dtype and weight-size bucket (constants.h) a crossover row count, installed from Python
+// (torchmatgrad/policy.py: measured defaults, or this machine's `tune` cache). A process-wide
+// override forces one path (TORCHMATGRAD_PATH, torchmatgrad.policy.force_path).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+
+#include <string>
+
+namespace torchmatgrad::policy {
+
+enum Op : int { kForward = 0, kBackward = 1, kAccumulate = 2, kNumOps = 3 };
+
+// True: take the vendor route for this call; false: the hand-written kernel.
+bool use_vendor(c10::DeviceType device, at::ScalarType dtype, Op op, int64_t rows, int64_t n,
+                int64_t m);
+
+// The control ops (schemas in ops.cpp).
+// _set_path_table(device_type, crossover): crossover is an int64 CPU tensor
+// [kNumOps, 4 dtypes (float32, float64, bfloat16, float16), kPathSizeBuckets].
+void set_path_table(const std::string& device_type, const at::Tensor& crossover);
+// _set_path_override(path): 0 auto (the table), 1 always the kernel, 2 always the vendor route.
+void set_path_override(int64_t path);
+// _path(device_type, dtype, op, rows, n, m) -> "kernel" or "vendor".
+std::string path_of(const std::string& device_type, at::ScalarType dtype, const std::string& op,
+                    int64_t rows, int64_t n, int64_t m);
+
+}  // namespace torchmatgrad::policy

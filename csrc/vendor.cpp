@@ -1,0 +1,55 @@
+#include "vendor.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <torch/version.h>
+
+namespace torchmatgrad {
+
+at::Tensor linear_forward_vendor(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  const int64_t n = weight.size(0), m = weight.size(1);
+  const auto x = input.reshape({batch_rows(input), m});
+  const auto y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t())
+                                                       : at::mm(x, weight.t());
+  return y.view(output_shape(input, n));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_vendor(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    std::array<bool, 3> output_mask) {
+  const int64_t n = weight.size(0), m = weight.size(1), rows = batch_rows(input);
+  const auto g = grad_output.reshape({rows, n});
+  at::Tensor gi, gw, gb;
+  if (output_mask[0]) gi = at::mm(g, weight).view(input.sizes());
+  if (output_mask[1]) gw = at::mm(g.t(), input.reshape({rows, m}));
+  if (output_mask[2]) gb = g.sum(0);
+  return {gi, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_vendor(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::Tensor& grad_weight, std::array<bool, 2> output_mask) {
+  const int64_t n = weight.size(0), m = weight.size(1), rows = batch_rows(input);
+  const auto g = grad_output.reshape({rows, n});
+  const auto x = input.reshape({rows, m});
+  if (grad_weight.scalar_type() == weight.scalar_type()) {
+    grad_weight.addmm_(g.t(), x);
+  } else {  // float32 master gradient of a 16-bit weight
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    if (grad_weight.is_cuda()) {  // cuBLAS: 16-bit operands, float32 accumulation and output
+      at::addmm_out(grad_weight, grad_weight, g.t(), x, at::kFloat);
+    } else
+#endif
+    {  // widen the operands (B·(n + m) values, small next to the n·m product)
+      grad_weight.addmm_(g.t().to(at::kFloat), x.to(at::kFloat));
+    }
+  }
+  at::Tensor gi, gb;
+  if (output_mask[0]) gi = at::mm(g, weight).view(input.sizes());
+  if (output_mask[1]) gb = g.sum(0);
+  return {gi, gb};
+}
+
+}  // namespace torchmatgrad

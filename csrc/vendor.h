@@ -1,0 +1,39 @@
+// The vendor routes of the three ops: the same results through ATen's mm/addmm (MKL/oneDNN on
+// CPU, cuBLAS on CUDA), taken where the path policy (policy.h) measured them faster than the
+// hand-written kernels. Device-agnostic ATen calls; arguments already checked by the caller.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "ops.h"
+#include "policy.h"
+
+namespace torchmatgrad {
+
+// Whether the policy sends this call (rows of input against weight) to the vendor route.
+inline bool use_vendor(policy::Op op, const at::Tensor& input, const at::Tensor& weight) {
+  return policy::use_vendor(weight.device().type(), weight.scalar_type(), op, batch_rows(input),
+                            weight.size(0), weight.size(1));
+}
+
+// y = input·weightᵀ + bias (addmm, or mm without bias), input [..., m] -> y [..., n].
+at::Tensor linear_forward_vendor(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias);
+
+// (G·W, Gᵀ·X, ΣG) as mm, mm, sum; masked results undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_vendor(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    std::array<bool, 3> output_mask);
+
+// grad_weight += Gᵀ·X by addmm_ with beta = 1, straight into the buffer (no W-sized
+// temporary); a float32 buffer for a 16-bit weight accumulates in float32. Returns
+// (G·W, ΣG) as masked.
+std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_vendor(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::Tensor& grad_weight, std::array<bool, 2> output_mask);
+
+}  // namespace torchmatgrad
