@@ -17,12 +17,15 @@ constexpr int64_t kFewRows = 16;
 constexpr int64_t kCpuDotRows = 4;
 
 // ---- path policy (policy.h) --------------------------------------------------------------
-// Weight sizes n·m are put in buckets by these upper bounds (64², 128², ..., 4096²; the last
-// bucket takes everything larger); each (device, op, dtype, size bucket) has a crossover: the
-// hand-written kernel runs for rows ≤ crossover, the vendor route (ATen mm/addmm) above it.
+// Calls are put in buckets by weight size n·m and by rows of x, each by upper bounds (the last
+// bucket takes everything above the last bound); each (device, op, dtype, size bucket, rows
+// bucket) says whether the hand-written kernel or the vendor route (ATen mm/addmm) runs.
+// Sizes: 64², 128², ..., 4096²; rows: powers of two up to 1024.
 constexpr int64_t kPathSizeEdges[] = {int64_t(1) << 12, int64_t(1) << 14, int64_t(1) << 16,
                                       int64_t(1) << 18, int64_t(1) << 20, int64_t(1) << 22,
                                       int64_t(1) << 24};
+constexpr int64_t kPathRowEdges[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
 constexpr int kPathSizeBuckets = int(sizeof(kPathSizeEdges) / sizeof(kPathSizeEdges[0])) + 1;
+constexpr int kPathRowBuckets = int(sizeof(kPathRowEdges) / sizeof(kPathRowEdges[0])) + 1;
 
 }  // namespace torchmatgrad

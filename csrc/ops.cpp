@@ -15,11 +15,24 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <iterator>
-
 #include "cpu/kernel_table.h"
 #include "ops.h"
 #include "policy.h"
+
+namespace {
+// module.name = a tuple of the ints in `values`; false (and a Python error) on failure.
+template <size_t N>
+bool add_int_tuple(PyObject* module, const char* name, const int64_t (&values)[N]) {
+  PyObject* t = PyTuple_New(N);
+  if (t == nullptr) return false;
+  for (size_t i = 0; i < N; ++i) PyTuple_SET_ITEM(t, i, PyLong_FromLongLong(values[i]));
+  if (PyModule_AddObject(module, name, t) < 0) {
+    Py_DECREF(t);
+    return false;
+  }
+  return true;
+}
+}  // namespace
 
 extern "C" {
 // `import torchmatgrad._C` runs the static registrations below; the module itself holds only
@@ -31,11 +44,8 @@ PyObject* PyInit__C(void) {
   // Thresholds of the kernel paths, for `info` and the path policy (one source: constants.h).
   PyModule_AddIntConstant(module, "few_rows", long(torchmatgrad::kFewRows));
   PyModule_AddIntConstant(module, "cpu_dot_rows", long(torchmatgrad::kCpuDotRows));
-  PyObject* edges = PyTuple_New(std::size(torchmatgrad::kPathSizeEdges));
-  for (size_t i = 0; edges != nullptr && i < std::size(torchmatgrad::kPathSizeEdges); ++i)
-    PyTuple_SET_ITEM(edges, i, PyLong_FromLongLong(torchmatgrad::kPathSizeEdges[i]));
-  if (edges == nullptr || PyModule_AddObject(module, "path_size_edges", edges) < 0) {
-    Py_XDECREF(edges);
+  if (!add_int_tuple(module, "path_size_edges", torchmatgrad::kPathSizeEdges) ||
+      !add_int_tuple(module, "path_row_edges", torchmatgrad::kPathRowEdges)) {
     Py_DECREF(module);
     return nullptr;
   }
@@ -66,7 +76,7 @@ TORCH_LIBRARY(torchmatgrad, m) {
       "linear_backward_accumulate_(Tensor grad_output, Tensor input, Tensor weight, "
       "Tensor(a!) grad_weight, bool[2] output_mask) -> (Tensor, Tensor)");
   // The path policy's controls (policy.h); torchmatgrad/policy.py is their Python face.
-  m.def("_set_path_table(str device_type, Tensor crossover) -> ()",
+  m.def("_set_path_table(str device_type, Tensor vendor) -> ()",
         &torchmatgrad::policy::set_path_table);
   m.def("_set_path_override(int path) -> ()", &torchmatgrad::policy::set_path_override);
   m.def("_path(str device_type, ScalarType dtype, str op, int rows, int n, int m) -> str",

@@ -16,15 +16,27 @@ namespace {
 constexpr int kDevices = 2;  // CPU, CUDA
 constexpr int kDtypes = 4;   // float32, float64, bfloat16, float16
 
+int size_bucket(int64_t n, int64_t m) {
+  return int(std::lower_bound(std::begin(kPathSizeEdges), std::end(kPathSizeEdges), n * m) -
+             std::begin(kPathSizeEdges));
+}
+
+int rows_bucket(int64_t rows) {
+  return int(std::lower_bound(std::begin(kPathRowEdges), std::end(kPathRowEdges), rows) -
+             std::begin(kPathRowEdges));
+}
+
 // Until Python installs the measured table: the kernel for the few-rows (memory-bound) regime,
 // the vendor route above it.
 struct Table {
-  std::atomic<int64_t> crossover[kDevices][kNumOps][kDtypes][kPathSizeBuckets];
+  std::atomic<bool> vendor[kDevices][kNumOps][kDtypes][kPathSizeBuckets][kPathRowBuckets];
   Table() {
-    for (auto& d : crossover)
+    for (auto& d : vendor)
       for (auto& o : d)
         for (auto& t : o)
-          for (auto& c : t) c.store(kFewRows, std::memory_order_relaxed);
+          for (auto& s : t)
+            for (int r = 0; r < kPathRowBuckets; ++r)
+              s[r].store(r > rows_bucket(kFewRows), std::memory_order_relaxed);
   }
 };
 
@@ -55,12 +67,6 @@ int dtype_index(at::ScalarType t) {
   }
 }
 
-int size_bucket(int64_t n, int64_t m) {
-  const int64_t elems = n * m;
-  return int(std::lower_bound(std::begin(kPathSizeEdges), std::end(kPathSizeEdges), elems) -
-             std::begin(kPathSizeEdges));
-}
-
 Op op_index(const std::string& op) {
   if (op == "forward") return kForward;
   if (op == "backward") return kBackward;
@@ -74,27 +80,28 @@ bool use_vendor(c10::DeviceType device, at::ScalarType dtype, Op op, int64_t row
                 int64_t m) {
   const int64_t forced = g_override.load(std::memory_order_relaxed);
   if (forced != 0) return forced == 2;
-  const int64_t crossover =
-      table().crossover[device_index(device)][op][dtype_index(dtype)][size_bucket(n, m)].load(
-          std::memory_order_relaxed);
-  return rows > crossover;
+  return table()
+      .vendor[device_index(device)][op][dtype_index(dtype)][size_bucket(n, m)][rows_bucket(rows)]
+      .load(std::memory_order_relaxed);
 }
 
-void set_path_table(const std::string& device_type, const at::Tensor& crossover) {
+void set_path_table(const std::string& device_type, const at::Tensor& vendor) {
   const int dev = device_index(device_type);
-  TORCH_CHECK(crossover.device().is_cpu() && crossover.scalar_type() == at::kLong &&
-                  crossover.dim() == 3 && crossover.size(0) == kNumOps &&
-                  crossover.size(1) == kDtypes && crossover.size(2) == kPathSizeBuckets,
-              "crossover must be an int64 CPU tensor of shape [", int(kNumOps), ", ", kDtypes, ", ",
-              kPathSizeBuckets, "], got ", crossover.scalar_type(), " ", crossover.sizes(), " on ",
-              crossover.device());
-  const auto c = crossover.contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  auto& t = table().crossover[dev];
+  TORCH_CHECK(vendor.device().is_cpu() && vendor.scalar_type() == at::kBool && vendor.dim() == 4 &&
+                  vendor.size(0) == kNumOps && vendor.size(1) == kDtypes &&
+                  vendor.size(2) == kPathSizeBuckets && vendor.size(3) == kPathRowBuckets,
+              "vendor must be a bool CPU tensor of shape [", int(kNumOps), ", ", kDtypes, ", ",
+              kPathSizeBuckets, ", ", kPathRowBuckets, "], got ", vendor.scalar_type(), " ",
+              vendor.sizes(), " on ", vendor.device());
+  const auto v = vendor.contiguous();
+  const bool* p = v.data_ptr<bool>();
+  auto& t = table().vendor[dev];
   for (int o = 0; o < kNumOps; ++o)
     for (int d = 0; d < kDtypes; ++d)
       for (int s = 0; s < kPathSizeBuckets; ++s)
-        t[o][d][s].store(p[(o * kDtypes + d) * kPathSizeBuckets + s], std::memory_order_relaxed);
+        for (int r = 0; r < kPathRowBuckets; ++r)
+          t[o][d][s][r].store(p[((o * kDtypes + d) * kPathSizeBuckets + s) * kPathRowBuckets + r],
+                              std::memory_order_relaxed);
 }
 
 void set_path_override(int64_t path) {

@@ -1,6 +1,6 @@
 // Which path an op call takes: the hand-written kernel or the vendor route through ATen
-// (mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA). The decision is data: per device type, op,
-// dtype and weight-size bucket (constants.h) a crossover row count, installed from Python
+// (mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA). The decision is data: one flag per device
+// type, op, dtype, weight-size bucket and rows bucket (constants.h), installed from Python
 // (torchmatgrad/policy.py: measured defaults, or this machine's `tune` cache). A process-wide
 // override forces one path (TORCHMATGRAD_PATH, torchmatgrad.policy.force_path).
 #pragma once
@@ -20,9 +20,10 @@ bool use_vendor(c10::DeviceType device, at::ScalarType dtype, Op op, int64_t row
                 int64_t m);
 
 // The control ops (schemas in ops.cpp).
-// _set_path_table(device_type, crossover): crossover is an int64 CPU tensor
-// [kNumOps, 4 dtypes (float32, float64, bfloat16, float16), kPathSizeBuckets].
-void set_path_table(const std::string& device_type, const at::Tensor& crossover);
+// _set_path_table(device_type, vendor): vendor is a bool CPU tensor [kNumOps, 4 dtypes
+// (float32, float64, bfloat16, float16), kPathSizeBuckets, kPathRowBuckets], True where the
+// vendor route runs.
+void set_path_table(const std::string& device_type, const at::Tensor& vendor);
 // _set_path_override(path): 0 auto (the table), 1 always the kernel, 2 always the vendor route.
 void set_path_override(int64_t path);
 // _path(device_type, dtype, op, rows, n, m) -> "kernel" or "vendor".
