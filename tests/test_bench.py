@@ -10,7 +10,7 @@ import math
 import pytest
 import torch  # noqa: F401  (before torchmatgrad's extension)
 
-from torchmatgrad import bench, info
+from torchmatgrad.cli import bench, info
 
 TINY = ["--quick", "--n", "64", "--B", "1", "4", "--dtype", "float32"]
 TINY += ["--reps", "3", "--warmup", "1", "--no-progress", "--name", "tiny"]

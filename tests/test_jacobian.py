@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import torchmatgrad
-from torchmatgrad import explain
+from torchmatgrad.cli import explain
 from torchmatgrad.jacobian import JacobianOperator, KronFactors, dependent_jacobian, jacobian
 
 AJ = torch.autograd.functional.jacobian

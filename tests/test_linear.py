@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchmatgrad
-from torchmatgrad.check import OP_CHECKS
+from torchmatgrad.cli.check import OP_CHECKS
 
 ops = torch.ops.torchmatgrad
 
@@ -105,7 +105,7 @@ def test_check_command_cells(check, device, dtype):
 
 
 def test_check_command_exits_zero(capsys):
-    from torchmatgrad.check import main
+    from torchmatgrad.cli.check import main
 
     assert main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out

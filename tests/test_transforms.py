@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchmatgrad.check import DTYPES, TRANSFORMS, main
+from torchmatgrad.cli.check import DTYPES, TRANSFORMS, main
 
 CELLS = []
 for check in TRANSFORMS:

@@ -24,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "check":
-        from .check import main as run
+        from .cli.check import main as run
     elif command == "info":
-        from .info import main as run
+        from .cli.info import main as run
     elif command == "explain":
-        from .explain import main as run
+        from .cli.explain import main as run
     else:
-        from .bench import main as run
+        from .cli.bench import main as run
     return run(rest)
 
 

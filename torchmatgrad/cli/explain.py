@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .jacobian import JacobianOperator, jacobian
+from ..jacobian import JacobianOperator, jacobian
 
 __all__ = ["main"]
 

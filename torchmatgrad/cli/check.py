@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ops import linear
+from ..ops import linear
 
 DTYPES = {
     "float64": torch.float64,
@@ -262,7 +262,7 @@ def _t_autocast(device, dtype):
 
 
 def _compile_model(device, dtype, mode=None):
-    from .nn import Linear
+    from ..nn import Linear
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(

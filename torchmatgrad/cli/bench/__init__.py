@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import torchmatgrad
 
-from . import info
+from .. import info
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
