@@ -24,6 +24,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
+from ._compat import below_autograd, functorch_transforms_active
 from .accumulate import check_mode, fused_weight_backward
 
 _ops = torch.ops.torchmatgrad
@@ -382,7 +383,7 @@ def _mask_list(bits: int) -> list[bool]:
 def _linear_backward_eager(grad_output, input, weight, output_mask):
     if not _tracks_derivatives(grad_output, input, weight):
         # The usual backward (no create_graph): straight to the device kernel.
-        with torch._C._AutoDispatchBelowAutograd():
+        with below_autograd():
             return _ops.linear_backward(grad_output, input, weight, output_mask)
     bits = sum(1 << k for k, wanted in enumerate(output_mask) if wanted)
     return _LinearBackwardFunction.apply(grad_output, input, weight, bits)
@@ -391,7 +392,7 @@ def _linear_backward_eager(grad_output, input, weight, output_mask):
 def _tracks_derivatives(*tensors: Tensor | None) -> bool:
     """Whether any derivative of this call can be asked for: reverse mode (grad enabled and an
     input requires grad), forward mode (a dual tensor) or a torch.func transform."""
-    if torch._C._are_functorch_transforms_active():  # first: unpack_dual fails under vmap
+    if functorch_transforms_active():  # first: unpack_dual fails under vmap
         return True
     ts = [t for t in tensors if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
@@ -433,7 +434,7 @@ def linear(
     if not _tracks_derivatives(input, weight, bias):
         # Nothing to differentiate: skip autograd.Function.apply and the op's Python autograd
         # kernel (tens of µs) and go straight to the device kernel.
-        with torch._C._AutoDispatchBelowAutograd():
+        with below_autograd():
             return _ops.linear(input, weight, bias)
     if grad_accumulation == "unfused":
         return _LinearFunction.apply(input, weight, bias)

@@ -275,7 +275,7 @@ def _compile_model(device, dtype, mode=None):
     eager_out.square().sum().backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, fullgraph=True, mode=mode)
     for _ in range(3 if mode else 1):  # CUDA graphs record after warm-up runs
         model.zero_grad(set_to_none=True)

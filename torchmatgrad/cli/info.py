@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _compat
+
 # ---- the dispatch table: keep in step with csrc/ (edit here when kernels change) -----------
 
 
@@ -125,13 +127,7 @@ def cpu_isa() -> str:
 def has_kernel(op: str, key: str) -> bool | None:
     """Whether ``torchmatgrad::<op>`` has a kernel registered for dispatch key ``key``
     (None if torch cannot say)."""
-    fn = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
-    if fn is None:
-        return None
-    try:
-        return bool(fn(f"torchmatgrad::{op}", key))
-    except RuntimeError:
-        return None
+    return _compat.has_kernel_for_dispatch_key(f"torchmatgrad::{op}", key)
 
 
 def info_text() -> str:
@@ -144,11 +140,14 @@ def info_text() -> str:
     cuda_line = f"yes (archs {archs or '?'})" if with_cuda else "no (CPU-only build)"
     if with_cuda and has_kernel("linear", "CUDA") is False:
         cuda_line += ", but no CUDA kernel is registered for linear"
+    missing = _compat.missing()
+    compat = ", ".join(missing) + " missing, fallbacks in use" if missing else "all found"
     lines = [
         f"torchmatgrad {torchmatgrad.__version__} ({os.path.dirname(torchmatgrad.__file__)})",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"Python {platform.python_version()} on {sys.platform}",
         f"CUDA kernels compiled: {cuda_line}",
+        f"Private torch APIs (torchmatgrad._compat): {compat}",
         "",
         "Devices:",
         f"  cpu: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "

@@ -119,7 +119,7 @@ def _peers_for(
         fused = functools.partial(_tmg_linear, grad_accumulation="fused")
         impls.append(("torchmatgrad", fused, path, "fused"))
     if compile_peers:
-        torch._dynamo.reset()
+        torch.compiler.reset()
         impls.append(
             ("torch.compile", torch.compile(_torch_linear, dynamic=False), "inductor", "-")
         )
