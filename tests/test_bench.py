@@ -112,6 +112,18 @@ def test_dispatch_path():
     assert info.dispatch_path("cuda:0", 4096) == "cuda:tiled"
 
 
+def test_info_reads_the_thresholds_from_the_extension():
+    from torchmatgrad import _C
+
+    for paths in info.DISPATCH.values():
+        assert paths[0].max_rows == _C.few_rows
+    assert info.dispatch_path("cpu", _C.few_rows) == "cpu:few-rows"
+    assert info.dispatch_path("cpu", _C.few_rows + 1) == "cpu:tiled"
+    assert f"R ≤ {_C.cpu_dot_rows} dot products" in info.DISPATCH["cpu"][0].forward
+    assert info.cpu_isa() == _C.cpu_isa in ("avx512", "avx2", "baseline")
+    assert f"kernels use {_C.cpu_isa}" in info.info_text()
+
+
 def test_info(capsys):
     assert info.main([]) == 0
     text = capsys.readouterr().out
