@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchmatgrad
-from torchmatgrad.cli.check import OP_CHECKS
+from torchmatgrad.testing import OP_CHECKS
 
 ops = torch.ops.torchmatgrad
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchmatgrad.cli.check import DTYPES, TRANSFORMS, main
+from torchmatgrad.cli.check import main
+from torchmatgrad.testing import DTYPES, TRANSFORMS
 
 CELLS = []
 for check in TRANSFORMS:
