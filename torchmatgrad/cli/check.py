@@ -21,17 +21,11 @@ import sys
 
 import torch
 
-from ..testing import DTYPES, OP_CHECKS, TRANSFORMS, devices, run_table
+from ..testing import DTYPES, OP_CHECKS, SHORT_NAMES, TRANSFORMS, devices, run_table
 
 
 def format_table(checks, rows, devs, dtypes) -> str:
-    short = {
-        torch.float64: "f64",
-        torch.float32: "f32",
-        torch.bfloat16: "bf16",
-        torch.float16: "f16",
-    }
-    cols = [f"{d} {short[t]}" for d in devs for t in dtypes]
+    cols = [f"{d} {SHORT_NAMES[t]}" for d in devs for t in dtypes]
     width = max(len(c.name) for c in checks)
     lines = [" | ".join([" " * width] + cols)]
     lines.append("-" * len(lines[0]))
