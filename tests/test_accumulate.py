@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import rand
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchmatgrad
 from torchmatgrad import accumulate
 from torchmatgrad.nn import Linear, set_grad_accumulation
+from torchmatgrad.testing import rand
 
 
 class OpLog(TorchDispatchMode):

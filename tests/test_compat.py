@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rand
 
 import torchmatgrad
 from torchmatgrad import _compat, accumulate
 from torchmatgrad.nn import Linear
+from torchmatgrad.testing import rand
 
 ops = torch.ops.torchmatgrad
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import poison_allocator, rand
 
 import torchmatgrad
+from torchmatgrad.testing import poison_allocator, rand
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 

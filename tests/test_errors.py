@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DEVICES, rand
+from conftest import DEVICES
 
 import torchmatgrad
 from torchmatgrad import _compat
 from torchmatgrad.ops import scalar_type_name
+from torchmatgrad.testing import rand
 
 ops = torch.ops.torchmatgrad
 
