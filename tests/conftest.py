@@ -1,5 +1,7 @@
-"""Fixtures shared by the tests: devices and dtypes. Inputs, tolerances and references come
-from torchmatgrad.testing, the one source the tests and the tools share."""
+"""Fixtures shared by the tests: devices, dtypes, the check cells as parameters, and the rule
+that every CUDA test carries ``pytest.mark.cuda`` (so ``pytest -m cuda`` selects exactly the
+CUDA tests and ``-m "not cuda"`` the others). Inputs, tolerances and references come from
+torchmatgrad.testing, the one source the tests and the tools share."""
 
 from __future__ import annotations
 
@@ -8,13 +10,11 @@ import torch
 
 from torchmatgrad.testing import DTYPES as _DTYPES_BY_NAME
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible"),
-    ),
-]
+NO_GPU = not torch.cuda.is_available()
+#: The marks of everything that needs a GPU: selected by -m cuda, skipped with a reason here.
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(NO_GPU, reason="no CUDA GPU visible")]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 DTYPES = list(_DTYPES_BY_NAME.values())
 
 
@@ -26,3 +26,42 @@ def device(request) -> str:
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def dtype(request) -> torch.dtype:
     return request.param
+
+
+def cell_params(checks) -> list:
+    """Every (check, device, dtype) cell of a torchmatgrad.testing table that applies, as
+    parameters; the CUDA cells carry CUDA_MARKS. (Cells that do not apply are not generated.)"""
+    cells = []
+    for check in checks:
+        for dev in ("cpu", "cuda"):
+            for dt in DTYPES:
+                if check.applies(dev, dt) is None:
+                    marks = CUDA_MARKS if dev == "cuda" else []
+                    cells.append(
+                        pytest.param(check, dev, dt, id=f"{check.name}-{dev}-{dt}", marks=marks)
+                    )
+    return cells
+
+
+def _is_cuda(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that runs on a CUDA device (a parameter "cuda", "cuda:N" or a CUDA
+    torch.device) must be marked cuda; collection fails otherwise, naming the tests."""
+    params = (getattr(item, "callspec", None) for item in items)
+    unmarked = [
+        item.nodeid
+        for item, spec in zip(items, params, strict=True)
+        if spec is not None
+        and any(_is_cuda(v) for v in spec.params.values())
+        and item.get_closest_marker("cuda") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests with a CUDA device parameter must carry pytest.mark.cuda (use "
+            "conftest.DEVICES or CUDA_MARKS): " + ", ".join(unmarked[:10])
+        )

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CUDA_MARKS
 
 import torchmatgrad
 from torchmatgrad.testing import assert_close, poison_allocator, rand
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+pytestmark = CUDA_MARKS
 
 ops = torch.ops.torchmatgrad
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from conftest import DEVICES, DTYPES, NO_GPU
 from torch import Tensor
 
 import torchmatgrad
@@ -20,15 +21,6 @@ from torchmatgrad.testing import OpLog, assert_close, rand
 
 AJ = torch.autograd.functional.jacobian
 
-CUDA = torch.cuda.is_available()
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="CUDA is not available")],
-    ),
-]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 4), (4, 1), (3, 5), (6, 2)]  # (n, m)
 
 
@@ -274,7 +266,7 @@ def test_materialization_monitor_can_fail():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="CUDA is not available")
+@pytest.mark.skipif(NO_GPU, reason="no CUDA GPU visible")
 def test_operator_does_not_materialize_4096_cuda():
     n = m = 4096
     W = rand(n, m, dtype=torch.float32, device="cuda", seed=26)

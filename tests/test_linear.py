@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES
+from conftest import cell_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,23 +83,7 @@ def test_jacobians_match_autograd(device, dtype):
     torch.testing.assert_close(ref[1].cpu(), delta)
 
 
-def _op_check_cells():
-    """Every (check, device, dtype) cell of `python -m torchmatgrad check` that applies."""
-    cells = []
-    for check in OP_CHECKS:
-        for dev in ("cpu", "cuda"):
-            for dt in DTYPES:
-                if check.applies(dev, dt) is not None:
-                    continue
-                no_gpu = dev == "cuda" and not torch.cuda.is_available()
-                marks = [pytest.mark.skipif(no_gpu, reason="no CUDA GPU visible")]
-                cells.append(
-                    pytest.param(check, dev, dt, id=f"{check.name}-{dev}-{dt}", marks=marks)
-                )
-    return cells
-
-
-@pytest.mark.parametrize("check,device,dtype", _op_check_cells())
+@pytest.mark.parametrize("check,device,dtype", cell_params(OP_CHECKS))
 def test_check_command_cells(check, device, dtype):
     """The cells `python -m torchmatgrad check` prints."""
     check.run(device, dtype)
