@@ -20,22 +20,16 @@ def _git_commit() -> tuple[str | None, bool | None]:
     """(short commit, dirty) of the checkout torchmatgrad is imported from; (None, None) if
     that is not a git checkout or git is missing."""
     where = os.path.dirname(os.path.abspath(torchmatgrad.__file__))
+
+    def git(*args: str) -> str:
+        run = subprocess.run(
+            ["git", "-C", where, *args], capture_output=True, text=True, timeout=10, check=True
+        )
+        return run.stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "-C", where, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        return commit or None, bool(status.strip())
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit or None, bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None, None
 
