@@ -105,12 +105,12 @@ def tolerance(
             against the same float64 reference; None: the a-priori bound.
     """
     eps = torch.finfo(dtype).eps
-    root_k = math.sqrt(max(1, k))
+    summing = FP_FACTOR * torch.finfo(accumulate_dtype(dtype)).eps * scale * math.sqrt(max(1, k))
     if dtype not in LOW_PRECISION:
-        return FP_FACTOR * eps * scale * root_k
+        return summing
     if peer_error is not None:
         return PEER_FACTOR * peer_error + eps * scale
-    return eps * scale + FP_FACTOR * torch.finfo(torch.float32).eps * scale * root_k
+    return eps * scale + summing  # one rounding to 16 bits after the float32 sum
 
 
 class Comparison(NamedTuple):
@@ -188,6 +188,9 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+_seeded = generator  # rand's `generator` argument hides the function's name
+
+
 def rand(
     *shape,
     device: str | torch.device = "cpu",
@@ -204,7 +207,7 @@ def rand(
     if seed is not None:
         if generator is not None:
             raise ValueError("rand(): give generator or seed, not both")
-        generator = globals()["generator"](seed)
+        generator = _seeded(seed)
     t = torch.randn(*shape, dtype=torch.float64, generator=generator).to(dtype)
     t = torch.where(t == 0, torch.ones((), dtype=dtype), t).to(device)
     return t.requires_grad_(requires_grad)
