@@ -1,18 +1,21 @@
-"""Fixtures shared by the tests: devices, dtypes, tolerances, references."""
+"""Fixtures shared by the tests: devices, dtypes, the check cells as parameters, and the rule
+that every CUDA test carries ``pytest.mark.cuda`` (so ``pytest -m cuda`` selects exactly the
+CUDA tests and ``-m "not cuda"`` the others). Inputs, tolerances and references come from
+torchmatgrad.testing, the one source the tests and the tools share."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible"),
-    ),
-]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+from torchmatgrad.testing import DTYPES as _DTYPES_BY_NAME
+
+NO_GPU = not torch.cuda.is_available()
+#: The marks of everything that needs a GPU: selected by -m cuda, skipped with a reason here.
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(NO_GPU, reason="no CUDA GPU visible")]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+DTYPES = list(_DTYPES_BY_NAME.values())
 
 
 @pytest.fixture(params=DEVICES)
@@ -25,38 +28,40 @@ def dtype(request) -> torch.dtype:
     return request.param
 
 
-def rand(*shape, device="cpu", dtype=torch.float32, requires_grad=False) -> torch.Tensor:
-    """Fresh standard-normal values (never zeros), made in float64 then cast."""
-    t = torch.randn(*shape, dtype=torch.float64).to(device=device, dtype=dtype)
-    return t.requires_grad_(requires_grad)
+def cell_params(checks) -> list:
+    """Every (check, device, dtype) cell of a torchmatgrad.testing table that applies, as
+    parameters; the CUDA cells carry CUDA_MARKS. (Cells that do not apply are not generated.)"""
+    cells = []
+    for check in checks:
+        for dev in ("cpu", "cuda"):
+            for dt in DTYPES:
+                if check.applies(dev, dt) is None:
+                    marks = CUDA_MARKS if dev == "cuda" else []
+                    cells.append(
+                        pytest.param(check, dev, dt, id=f"{check.name}-{dev}-{dt}", marks=marks)
+                    )
+    return cells
 
 
-def assert_matches_reference(ours, theirs, ref, *, what="") -> None:
-    """ours (our kernel) and theirs (torch in the same dtype) against a float64 reference.
-
-    float64/float32: within a small relative bound. 16-bit: our error at most about twice
-    torch's own error in that dtype (plus one unit of rounding of the largest value).
-    """
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ours.dtype == theirs.dtype, f"{what}: dtype {ours.dtype} != {theirs.dtype}"
-    if ref.numel() == 0:
-        return
-    ours64, theirs64, ref = ours.double().cpu(), theirs.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(ours64).all(), f"{what}: non-finite values (unwritten output?)"
-    scale = max(1.0, ref.abs().max().item())
-    err = (ours64 - ref).abs().max().item()
-    if ours.dtype in (torch.float64, torch.float32):
-        eps = torch.finfo(ours.dtype).eps
-        bound = 64 * eps * scale * max(1.0, ref.shape[-1] ** 0.5)
-    else:
-        torch_err = (theirs64 - ref).abs().max().item()
-        bound = 2 * torch_err + torch.finfo(ours.dtype).eps * scale
-    assert err <= bound, f"{what}: max abs error {err:.3g} > bound {bound:.3g}"
+def _is_cuda(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))
 
 
-def poison_allocator(shape, dtype, device) -> None:
-    """Leave a NaN-filled freed block of this size behind, so an output allocated right after
-    is likely to start as NaN (certain with CUDA's caching allocator): unwritten elements then
-    show up as NaN instead of an innocent-looking zero."""
-    t = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    del t
+def pytest_collection_modifyitems(config, items):
+    """A test that runs on a CUDA device (a parameter "cuda", "cuda:N" or a CUDA
+    torch.device) must be marked cuda; collection fails otherwise, naming the tests."""
+    params = (getattr(item, "callspec", None) for item in items)
+    unmarked = [
+        item.nodeid
+        for item, spec in zip(items, params, strict=True)
+        if spec is not None
+        and any(_is_cuda(v) for v in spec.params.values())
+        and item.get_closest_marker("cuda") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests with a CUDA device parameter must carry pytest.mark.cuda (use "
+            "conftest.DEVICES or CUDA_MARKS): " + ", ".join(unmarked[:10])
+        )

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch  # noqa: F401  (before torchmatgrad's extension)
 
-from torchmatgrad import bench, info
+from torchmatgrad.cli import bench, info
 
 TINY = ["--quick", "--n", "64", "--B", "1", "4", "--dtype", "float32"]
 TINY += ["--reps", "3", "--warmup", "1", "--no-progress", "--name", "tiny"]
@@ -110,6 +110,18 @@ def test_dispatch_path():
     assert info.dispatch_path("cpu", 17) == "cpu:tiled"
     assert info.dispatch_path("cuda", 16, torch.bfloat16) == "cuda:few-rows"
     assert info.dispatch_path("cuda:0", 4096) == "cuda:tiled"
+
+
+def test_info_reads_the_thresholds_from_the_extension():
+    from torchmatgrad import _C
+
+    for paths in info.DISPATCH.values():
+        assert paths[0].max_rows == _C.few_rows
+    assert info.dispatch_path("cpu", _C.few_rows) == "cpu:few-rows"
+    assert info.dispatch_path("cpu", _C.few_rows + 1) == "cpu:tiled"
+    assert f"R ≤ {_C.cpu_dot_rows} dot products" in info.DISPATCH["cpu"][0].forward
+    assert info.cpu_isa() == _C.cpu_isa in ("avx512", "avx2", "baseline")
+    assert f"kernels use {_C.cpu_isa}" in info.info_text()
 
 
 def test_info(capsys):

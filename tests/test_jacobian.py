@@ -11,47 +11,24 @@ import types
 
 import pytest
 import torch
+from conftest import DEVICES, DTYPES, NO_GPU
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import torchmatgrad
-from torchmatgrad import explain
+from torchmatgrad.cli import explain
 from torchmatgrad.jacobian import JacobianOperator, KronFactors, dependent_jacobian, jacobian
+from torchmatgrad.testing import OpLog, assert_close, rand
 
 AJ = torch.autograd.functional.jacobian
 
-CUDA = torch.cuda.is_available()
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="CUDA is not available")],
-    ),
-]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 4), (4, 1), (3, 5), (6, 2)]  # (n, m)
 
-# (rtol, atol) for products computed in `dtype` vs float64 references; the dense forms are
-# copies of x/W (no arithmetic) and are checked exactly.
-TOL = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-5, 1e-5),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (2e-3, 2e-3),
-}
 
-
-def rand(*shape: int, dtype: torch.dtype, device: str, seed: int) -> Tensor:
-    """Fresh standard-normal values (never zeros), generated in float64 on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
-
-
-def close(got: Tensor, ref: Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
-    rtol, atol = TOL[dtype]
+def close(got: Tensor, ref: Tensor, dtype: torch.dtype, k: int = 1) -> None:
+    """A product computed in `dtype` against its float64 reference (k: terms summed), under
+    the tolerance policy of torchmatgrad.testing; the dense forms are copies, checked exactly."""
     assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), ref.double(), rtol=rtol, atol=atol * scale)
+    assert_close(got, ref, k=k)
 
 
 def exact(got: Tensor, ref: Tensor, dtype: torch.dtype) -> None:
@@ -148,7 +125,6 @@ def test_operator_products_match_autograd(device, dtype, n, m):
     dx = rand(m, dtype=dtype, device=device, seed=10)
     db = rand(n, dtype=dtype, device=device, seed=11)
     W64, x64, g64, dW64, dx64 = (t.double() for t in (W, x, g, dW, dx))
-    scale = float(m)  # |Σ_l terms| for standard-normal data
 
     op = jacobian(W, x, form="operator")
     assert isinstance(op, JacobianOperator)
@@ -157,13 +133,13 @@ def test_operator_products_match_autograd(device, dtype, n, m):
     # vjp = g·xᵀ = ∂(g·f)/∂W
     w = W64.clone().requires_grad_()
     (ref,) = torch.autograd.grad((g64 * (w @ x64)).sum(), w)
-    close(op.vjp(g), ref, dtype, scale=4.0)
+    close(op.vjp(g), ref, dtype, k=1)
     # jvp = dW·x
     _, ref = torch.func.jvp(lambda w: w @ x64, (W64,), (dW64,))
-    close(op.jvp(dW), ref, dtype, scale)
+    close(op.jvp(dW), ref, dtype, k=m)
     # the all-ones direction: (xᵀ·1_m)·1_n, not the Jacobian
     ones = torch.ones(n, m, dtype=dtype, device=device)
-    close(op.jvp(ones), x64.sum() * torch.ones(n, dtype=torch.float64, device=device), dtype, scale)
+    close(op.jvp(ones), x64.sum() * torch.ones(n, dtype=torch.float64, device=device), dtype, k=m)
 
     # dense views
     exact(op.to_dense(), jacobian(W, x), dtype)
@@ -178,9 +154,9 @@ def test_operator_products_match_autograd(device, dtype, n, m):
     assert opx.shape == (n, m)
     xr = x64.clone().requires_grad_()
     (ref,) = torch.autograd.grad((g64 * (W64 @ xr)).sum(), xr)
-    close(opx.vjp(g), ref, dtype, scale=float(n))
+    close(opx.vjp(g), ref, dtype, k=n)
     _, ref = torch.func.jvp(lambda v: W64 @ v, (x64,), (dx64,))
-    close(opx.jvp(dx), ref, dtype, scale)
+    close(opx.jvp(dx), ref, dtype, k=m)
     exact(opx.to_dense(), W64, dtype)
 
     # wrt bias: identity
@@ -201,7 +177,6 @@ def test_batched_operator_products_match_autograd(device, dtype, B, n, m):
     dW = rand(n, m, dtype=dtype, device=device, seed=15)
     dWs = rand(B, n, m, dtype=dtype, device=device, seed=16)
     W64, X64, G64, dW64, dWs64 = (t.double() for t in (W, X, G, dW, dWs))
-    scale = float(max(m, B))
 
     op = jacobian(W, X, form="operator")
     assert op.shape == (B, n, n, m) and op.batch == B
@@ -213,17 +188,17 @@ def test_batched_operator_products_match_autograd(device, dtype, B, n, m):
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(W64, X64, G64)
     got = op.vjp(G)
     assert got.shape == (B, n, m)
-    close(got, per_sample, dtype, scale=4.0)
+    close(got, per_sample, dtype, k=1)
     # reduce=True: the gradient of the summed loss, Gᵀ·X
     w = W64.clone().requires_grad_()
     (ref,) = torch.autograd.grad((G64 * (X64 @ w.t())).sum(), w)
-    close(op.vjp(G, reduce=True), ref, dtype, scale)
+    close(op.vjp(G, reduce=True), ref, dtype, k=B)
 
     # jvp, shared and per-sample directions
     _, ref = torch.func.jvp(lambda w: X64 @ w.t(), (W64,), (dW64,))
-    close(op.jvp(dW), ref, dtype, scale)
+    close(op.jvp(dW), ref, dtype, k=m)
     ref = torch.einsum("bij,bj->bi", dWs64, X64)
-    close(op.jvp(dWs), ref, dtype, scale)
+    close(op.jvp(dWs), ref, dtype, k=m)
 
     exact(op.to_dense(), jacobian(W, X), dtype)
     for order in ("col", "row"):
@@ -233,29 +208,12 @@ def test_batched_operator_products_match_autograd(device, dtype, B, n, m):
     opx = jacobian(W, X, wrt="input", form="operator")
     Xr = X64.clone().requires_grad_()
     (ref,) = torch.autograd.grad((G64 * (Xr @ W64.t())).sum(), Xr)
-    close(opx.vjp(G), ref, dtype, scale=float(n))
-    close(opx.jvp(X), X64 @ W64.t(), dtype, scale)
+    close(opx.vjp(G), ref, dtype, k=n)
+    close(opx.jvp(X), X64 @ W64.t(), dtype, k=m)
     opb = jacobian(W, X, wrt="bias", form="operator")
     exact(opb.vjp(G), G64, dtype)
-    close(opb.vjp(G, reduce=True), G64.sum(0), dtype, scale)
+    close(opb.vjp(G, reduce=True), G64.sum(0), dtype, k=B)
     exact(opb.jvp(G[0]), G64[0].expand(B, n), dtype)
-
-
-class _OpLog(TorchDispatchMode):
-    """Records every op run below autograd, and the largest tensor any of them returned."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.append(str(func.overloadpacket))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 def test_operator_products_run_on_torchmatgrad_kernels():
@@ -263,14 +221,16 @@ def test_operator_products_run_on_torchmatgrad_kernels():
     x = rand(4, dtype=torch.float32, device="cpu", seed=18)
     g = rand(3, dtype=torch.float32, device="cpu", seed=19)
     op = jacobian(W, x, form="operator")
-    with _OpLog() as log:
+    with OpLog() as log:
         op.vjp(g)
-    assert "torchmatgrad.linear_backward" in log.ops, log.ops
-    assert not any(name.startswith("aten.") for name in log.ops), log.ops
-    with _OpLog() as log:
+    assert "torchmatgrad.linear_backward" in log.names, log.names
+    assert not any(name.startswith("aten.") for name in log.names), log.names
+    with OpLog() as log:
         op.jvp(W)
-    assert "torchmatgrad.linear" in log.ops, log.ops
-    assert not any(name in ("aten.mm", "aten.mv", "aten.outer", "aten.matmul") for name in log.ops)
+    assert "torchmatgrad.linear" in log.names, log.names
+    assert not any(
+        name in ("aten.mm", "aten.mv", "aten.outer", "aten.matmul") for name in log.names
+    )
 
 
 def test_operator_does_not_materialize_4096():
@@ -280,7 +240,7 @@ def test_operator_does_not_materialize_4096():
     x = rand(m, dtype=torch.float32, device="cpu", seed=22)
     g = rand(n, dtype=torch.float32, device="cpu", seed=23)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    with _OpLog() as log:
+    with OpLog() as log:
         op = jacobian(W, x, form="operator")
         assert op.shape == (n, n, m) and op.numel == 2**36
         v = op.vjp(g)
@@ -292,21 +252,21 @@ def test_operator_does_not_materialize_4096():
     rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
     assert rss_growth < 2 * 2**30, rss_growth
     # and the results are right (spot checks against plain torch)
-    torch.testing.assert_close(v[:8], torch.outer(g[:8], x))
-    torch.testing.assert_close(j, dW @ x, rtol=1e-4, atol=1e-3)
+    assert_close(v[:8], torch.outer(g[:8].double(), x.double()), what="g·xᵀ")
+    assert_close(j, dW.double() @ x.double(), k=m, what="dW·x")
 
 
 def test_materialization_monitor_can_fail():
     # The monitor above does see a dense n·n·m tensor when one is built.
     W = rand(3, 4, dtype=torch.float32, device="cpu", seed=24)
     x = rand(4, dtype=torch.float32, device="cpu", seed=25)
-    with _OpLog() as log:
+    with OpLog() as log:
         jacobian(W, x, form="operator").to_dense()
     assert log.max_numel == 3 * 3 * 4
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="CUDA is not available")
+@pytest.mark.skipif(NO_GPU, reason="no CUDA GPU visible")
 def test_operator_does_not_materialize_4096_cuda():
     n = m = 4096
     W = rand(n, m, dtype=torch.float32, device="cuda", seed=26)
@@ -321,8 +281,8 @@ def test_operator_does_not_materialize_4096_cuda():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak <= 4 * n * m * 4, peak  # a few W-sized buffers, never 2^36 entries
-    torch.testing.assert_close(v[:8], torch.outer(g[:8], x))
-    torch.testing.assert_close(j, dW @ x, rtol=1e-4, atol=1e-3)
+    assert_close(v[:8], torch.outer(g[:8].double(), x.double()), what="g·xᵀ")
+    assert_close(j, dW.double() @ x.double(), k=m, what="dW·x")
 
 
 # ---- the dependent case x = F(W)·x0 -----------------------------------------------------------
@@ -336,22 +296,22 @@ def test_dependent_jacobian_transpose(dtype, n):
     W64, x064 = W.double(), x0.double()
     ref = AJ(lambda w: w @ (w.t() @ x064), W64)
     J = dependent_jacobian(W, x0, lambda w: w.t())
-    close(J, ref, dtype, scale=4.0)
+    close(J, ref, dtype, k=n + 1)
     # closed form: δ_ik·(Wᵀx0)_l + W_il·x0_k
     eye = torch.eye(n, dtype=torch.float64)
     closed = torch.einsum("ik,l->ikl", eye, W64.t() @ x064) + torch.einsum("il,k->ikl", W64, x064)
-    close(J, closed, dtype, scale=4.0)
+    close(J, closed, dtype, k=n + 1)
     close(
         dependent_jacobian(W, x0, lambda w: w.t(), form="vec", order="col"),
         AJ(lambda v: v.reshape(n, n).t() @ (v.reshape(n, n) @ x064), W64.t().reshape(-1)),
         dtype,
-        scale=4.0,
+        k=n + 1,
     )
     close(
         dependent_jacobian(W, x0, lambda w: w.t(), form="vec", order="row"),
         AJ(lambda v: v.reshape(n, n) @ (v.reshape(n, n).t() @ x064), W64.reshape(-1)),
         dtype,
-        scale=4.0,
+        k=n + 1,
     )
 
 
@@ -360,7 +320,7 @@ def test_dependent_jacobian_general_F():
     W = rand(2, 3, dtype=torch.float64, device="cpu", seed=50)
     x0 = rand(3, dtype=torch.float64, device="cpu", seed=51)
     J = dependent_jacobian(W, x0, lambda w: w.t() @ w)
-    close(J, AJ(lambda w: w @ (w.t() @ w @ x0), W), torch.float64)
+    close(J, AJ(lambda w: w @ (w.t() @ w @ x0), W), torch.float64, k=8)
 
 
 # ---- argument checks -----------------------------------------------------------------------
@@ -376,12 +336,12 @@ def _bad_cases():
         (lambda: jacobian(W, torch.randn(2, 3, 4, dtype=torch.float64)), "input must be 1-D"),
         (lambda: jacobian(W, torch.randn(5, dtype=torch.float64)), r"input.size\(-1\)"),
         (lambda: jacobian(W, x.float()), "input and weight must have the same dtype"),
-        (lambda: jacobian(W.int(), x.int()), "weight must be float32"),
+        (lambda: jacobian(W.int(), x.int()), "weight must be a floating point tensor"),
         (lambda: jacobian(W, x, wrt="output"), "unknown wrt='output'"),
         (lambda: jacobian(W, x, form="dense"), "unknown form='dense'"),
         (lambda: jacobian(W, x, order="F"), "unknown order='F'"),
         (lambda: op.vjp(torch.randn(4, dtype=torch.float64)), "grad_output must have shape"),
-        (lambda: op.vjp(torch.randn(3)), "grad_output must have dtype"),
+        (lambda: op.vjp(torch.randn(3)), "grad_output must have the same dtype as weight"),
         (lambda: op.jvp(torch.randn(4, 3, dtype=torch.float64)), "direction must have shape"),
         (lambda: opx.jvp(torch.randn(3, dtype=torch.float64)), "direction must have shape"),
         (lambda: opx.kron(), "only wrt='weight'"),

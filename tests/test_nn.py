@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rand
 
 import torchmatgrad
 from torchmatgrad.nn import Linear, convert_linear
+from torchmatgrad.testing import rand
 
 
 @pytest.mark.parametrize("bias", [True, False])

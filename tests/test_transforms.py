@@ -1,31 +1,19 @@
 """The transform conformance matrix (`python -m torchmatgrad check --transforms`), cell by cell.
 
 Each applicable (transform, device, dtype) cell is one test; cells that do not apply (e.g.
-gradcheck in bfloat16) are not generated. CUDA cells are skipped only when no GPU is visible.
+gradcheck in bfloat16) are not generated. CUDA cells are marked cuda and skipped only when no GPU
+is visible.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import cell_params
 
-from torchmatgrad.check import DTYPES, TRANSFORMS, main
+from torchmatgrad.cli.check import main
+from torchmatgrad.testing import TRANSFORMS
 
-CELLS = []
-for check in TRANSFORMS:
-    for dev in ("cpu", "cuda"):
-        for dt in DTYPES.values():
-            if check.applies(dev, dt) is None:
-                marks = []
-                if dev == "cuda":
-                    marks.append(
-                        pytest.mark.skipif(
-                            not torch.cuda.is_available(), reason="no CUDA GPU visible"
-                        )
-                    )
-                CELLS.append(
-                    pytest.param(check, dev, dt, id=f"{check.name}-{dev}-{dt}", marks=marks)
-                )
+CELLS = cell_params(TRANSFORMS)
 
 
 @pytest.mark.parametrize("check,device,dtype", CELLS)

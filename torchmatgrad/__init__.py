@@ -2,7 +2,9 @@
 
 ``torchmatgrad.linear`` and ``torchmatgrad.nn.Linear`` are drop-ins for ``F.linear`` and
 ``nn.Linear`` backed by hand-written CPU and CUDA kernels; ``torchmatgrad.jacobian`` gives the
-explicit derivatives of W·x.
+explicit derivatives of W·x. ``torchmatgrad.testing`` holds the tolerance policy, input makers
+and check cells the tests and tools share; the commands (``python -m torchmatgrad``) live in
+``torchmatgrad.cli``.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)

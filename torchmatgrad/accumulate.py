@@ -39,6 +39,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import _compat
+
 MODES = ("unfused", "fused", "main_grad")
 _NO_GRAD_YET = "no .grad yet"
 _NOT_ACCUMULATED = "this backward does not accumulate into the weight (autograd.grad or inputs=)"
@@ -72,13 +74,25 @@ def fusion_blocker(weight: Tensor, mode: str) -> str | None:
         return "backward with create_graph=True"
     try:
         edge = torch.autograd.graph.get_gradient_edge(weight)
-        if not torch._C._will_engine_execute_node(edge.node):
-            return _NOT_ACCUMULATED
+        executes = _compat.will_engine_execute_node(edge.node)
     except RuntimeError:  # inside torch.autograd.grad(): gradients are returned, not accumulated
         return _NOT_ACCUMULATED
-    if getattr(weight, "_backward_hooks", None):
+    if executes is None:
+        return _compat.unavailable("torch._C._will_engine_execute_node")
+    if not executes:
+        return _NOT_ACCUMULATED
+    hooks = _compat.has_tensor_hooks(weight)
+    if hooks is None:
+        return _compat.unavailable("torch.Tensor._backward_hooks") + " (tensor hooks unknown)"
+    if hooks:
         return "the weight has tensor hooks (register_hook)"
-    if getattr(weight, "_post_accumulate_grad_hooks", None):
+    post_hooks = _compat.has_post_accumulate_grad_hooks(weight)
+    if post_hooks is None:
+        return (
+            _compat.unavailable("torch.Tensor._post_accumulate_grad_hooks")
+            + " (post-accumulate-grad hooks unknown)"
+        )
+    if post_hooks:
         return "the weight has post-accumulate-grad hooks"
     if _distributed_world() > 1:
         return "torch.distributed is initialized (DDP/FSDP reduce through AccumulateGrad)"

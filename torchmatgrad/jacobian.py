@@ -23,12 +23,19 @@ Public names: :func:`jacobian`, :func:`dependent_jacobian`, :class:`JacobianOper
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .ops import (
+    check_float_tensor,
+    check_like_weight,
+    check_linear_args,
+    check_weight_rank,
+)
 from .ops import linear as _linear
 
 __all__ = ["jacobian", "dependent_jacobian", "JacobianOperator", "KronFactors"]
@@ -39,10 +46,23 @@ _WRTS = ("weight", "input", "bias")
 _FORMS = ("tensor", "vec", "operator")
 _DENSE_FORMS = ("tensor", "vec")
 _ORDERS = ("col", "row")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 # ---- argument checks -----------------------------------------------------------------------
+#
+# What jacobian shares with the ops (ranks, sizes, dtypes and devices of weight, input and the
+# tensors that must match weight) is checked by the ops' own checks (torchmatgrad.ops, the
+# mirror of csrc/ops.h), re-raised as ValueError prefixed with the function's name; only what
+# is jacobian's own (argument types, the 1-D/2-D input, allowed shapes, choices) is here.
+
+
+@contextlib.contextmanager
+def _ops_checks(fn: str) -> Iterator[None]:
+    """Run the ops' checks; a failed one becomes ``ValueError("<fn>: <the op's message>")``."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise ValueError(f"{fn}: {e}") from None
 
 
 def _check_choice(fn: str, name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -52,53 +72,37 @@ def _check_choice(fn: str, name: str, value: object, choices: tuple[str, ...]) -
         )
 
 
+def _check_tensor(fn: str, name: str, t: object, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a {what}, got {type(t)}")
+
+
 def _check_weight(fn: str, weight: object) -> None:
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{fn}: weight must be a Tensor of shape (n, m), got {type(weight)}")
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be 2-D (n, m), got shape {list(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"{fn}: weight must be float32, float64, bfloat16 or float16, got {weight.dtype}"
-        )
+    _check_tensor(fn, "weight", weight, "Tensor of shape (n, m)")
+    with _ops_checks(fn):
+        check_weight_rank(weight)
+        check_float_tensor(weight, "weight")
 
 
 def _check_weight_input(fn: str, weight: object, input: object) -> None:
-    _check_weight(fn, weight)
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{fn}: input must be a Tensor of shape (m,) or (B, m), got {type(input)}")
+    _check_tensor(fn, "weight", weight, "Tensor of shape (n, m)")
+    _check_tensor(fn, "input", input, "Tensor of shape (m,) or (B, m)")
     if input.dim() not in (1, 2):
         raise ValueError(
             f"{fn}: input must be 1-D (m,) or 2-D (B, m), got shape {list(input.shape)}"
         )
-    if input.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{fn}: input.size(-1) must equal weight.size(1) = {weight.shape[1]} (m), got "
-            f"input of shape {list(input.shape)} and weight of shape {list(weight.shape)}"
-        )
-    if input.dtype != weight.dtype:
-        raise ValueError(
-            f"{fn}: input and weight must have the same dtype, got input {input.dtype} and "
-            f"weight {weight.dtype}"
-        )
-    if input.device != weight.device:
-        raise ValueError(
-            f"{fn}: input and weight must be on the same device, got input on {input.device} "
-            f"and weight on {weight.device}"
-        )
+    with _ops_checks(fn):
+        check_linear_args(input, weight, None)
 
 
-def _check_arg(fn: str, name: str, t: object, shapes: list[tuple[int, ...]], like: Tensor) -> None:
-    """t must be a Tensor of one of `shapes`, with like's dtype and device."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t)}")
+def _check_arg(fn: str, name: str, t: object, shapes: list[tuple[int, ...]], weight: Tensor):
+    """t must be a Tensor of one of `shapes`, with weight's dtype and device."""
+    _check_tensor(fn, name, t, "Tensor")
     if tuple(t.shape) not in shapes:
         expected = " or ".join(str(list(s)) for s in shapes)
         raise ValueError(f"{fn}: {name} must have shape {expected}, got {list(t.shape)}")
-    if t.dtype != like.dtype:
-        raise ValueError(f"{fn}: {name} must have dtype {like.dtype}, got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{fn}: {name} must be on device {like.device}, got {t.device}")
+    with _ops_checks(fn):
+        check_like_weight(name, t, weight)
 
 
 # ---- dense forms -----------------------------------------------------------------------------
@@ -407,8 +411,7 @@ def dependent_jacobian(
     if not callable(F):
         raise TypeError(f"{fn}: F must be a callable W -> F(W) of shape (m, p), got {type(F)}")
     _check_weight(fn, weight)
-    if not isinstance(x0, Tensor):
-        raise TypeError(f"{fn}: x0 must be a 1-D Tensor (p,), got {type(x0)}")
+    _check_tensor(fn, "x0", x0, "1-D Tensor (p,)")
     if x0.dim() != 1:
         raise ValueError(f"{fn}: x0 must be 1-D (p,), got shape {list(x0.shape)}")
     _check_arg(fn, "x0", x0, [tuple(x0.shape)], weight)

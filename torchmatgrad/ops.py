@@ -16,7 +16,9 @@ torchmatgrad's kernels (vmap over a batched weight loops over the batch).
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +26,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
+from ._compat import below_autograd, functorch_transforms_active
 from .accumulate import check_mode, fused_weight_backward
 
 _ops = torch.ops.torchmatgrad
@@ -31,17 +34,48 @@ _ops = torch.ops.torchmatgrad
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-# ---- argument checks (the fake kernels repeat the C++ ones, same messages) -----------------
+# ---- argument checks: the Python mirror of csrc/ops.h ----------------------------------------
+#
+# Same checks, same order and byte-identical messages as the C++ ones (tests/test_errors.py runs
+# every bad input through the real op and under FakeTensorMode and compares the two): the fake
+# kernels call them, and so does torchmatgrad.jacobian for what it shares with the ops.
 
 
-def _check_like_weight(name: str, t: Tensor, weight: Tensor) -> None:
+@functools.cache
+def scalar_type_name(dtype: torch.dtype) -> str:
+    """The name C++ prints for ``dtype`` (c10's ScalarType: Float, Double, BFloat16, Half,
+    Long, ...), so that Python messages read exactly like the ``TORCH_CHECK`` ones."""
+    try:
+        with warnings.catch_warnings():  # exotic dtypes warn that they are experimental
+            warnings.simplefilter("ignore")
+            legacy = torch.empty(0, dtype=dtype, device="cpu").type()  # e.g. "torch.FloatTensor"
+    except (RuntimeError, TypeError):
+        return str(dtype)
+    return legacy.removeprefix("torch.").removeprefix("quantized.").removesuffix("Tensor")
+
+
+def check_float_tensor(t: Tensor, name: str) -> None:
+    """``t`` has a dtype the kernels support (``check_float_tensor`` in ops.h)."""
+    torch._check(
+        t.dtype in _FLOAT_DTYPES,
+        lambda: (
+            f"{name} must be a floating point tensor (float32, float64, bfloat16 or float16), "
+            f"got {scalar_type_name(t.dtype)}"
+        ),
+    )
+
+
+def check_same_dtype_as_weight(name: str, t: Tensor, weight: Tensor) -> None:
     torch._check(
         t.dtype == weight.dtype,
         lambda: (
-            f"{name} must have the same dtype as weight, got {name} {t.dtype} and "
-            f"weight {weight.dtype}"
+            f"{name} must have the same dtype as weight, got {name} "
+            f"{scalar_type_name(t.dtype)} and weight {scalar_type_name(weight.dtype)}"
         ),
     )
+
+
+def check_same_device_as_weight(name: str, t: Tensor, weight: Tensor) -> None:
     torch._check(
         t.device == weight.device,
         lambda: (
@@ -51,11 +85,23 @@ def _check_like_weight(name: str, t: Tensor, weight: Tensor) -> None:
     )
 
 
-def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+def check_like_weight(name: str, t: Tensor, weight: Tensor) -> None:
+    """``t`` (bias, grad_output) has weight's dtype and device."""
+    check_same_dtype_as_weight(name, t, weight)
+    check_same_device_as_weight(name, t, weight)
+
+
+def check_weight_rank(weight: Tensor) -> None:
     torch._check(
         weight.dim() == 2,
         lambda: f"weight must be 2-D (out_features, in_features), got shape {list(weight.shape)}",
     )
+
+
+def check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """y = input·weightᵀ + bias: weight [n, m], input [..., m], bias [n] or None, one float
+    dtype and one device (``check_linear_args`` in ops.h)."""
+    check_weight_rank(weight)
     torch._check(
         input.dim() >= 1,
         lambda: "input must have at least 1 dimension (..., in_features), got a 0-D tensor",
@@ -67,18 +113,12 @@ def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> No
             f"{list(input.shape)} and weight of shape {list(weight.shape)}"
         ),
     )
-    torch._check(
-        weight.dtype in _FLOAT_DTYPES,
-        lambda: (
-            "weight must be a floating point tensor (float32, float64, bfloat16 or "
-            f"float16), got {weight.dtype}"
-        ),
-    )
+    check_float_tensor(weight, "weight")
     torch._check(
         input.dtype == weight.dtype,
         lambda: (
-            f"input and weight must have the same dtype, got input {input.dtype} and "
-            f"weight {weight.dtype}"
+            f"input and weight must have the same dtype, got input "
+            f"{scalar_type_name(input.dtype)} and weight {scalar_type_name(weight.dtype)}"
         ),
     )
     torch._check(
@@ -96,11 +136,12 @@ def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> No
                 f"{weight.shape[0]}, got shape {list(bias.shape)}"
             ),
         )
-        _check_like_weight("bias", bias, weight)
+        check_like_weight("bias", bias, weight)
 
 
-def _check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> None:
-    _check_linear_args(input, weight, None)
+def check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> None:
+    """grad_output [..., n] matches y = linear(input, weight) (``check_backward_args``)."""
+    check_linear_args(input, weight, None)
     expected = [*input.shape[:-1], weight.shape[0]]
     torch._check(
         list(grad_output.shape) == expected,
@@ -109,7 +150,32 @@ def _check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> 
             f"got {list(grad_output.shape)}"
         ),
     )
-    _check_like_weight("grad_output", grad_output, weight)
+    check_like_weight("grad_output", grad_output, weight)
+
+
+def check_grad_weight_buffer(grad_weight: Tensor, weight: Tensor) -> None:
+    """The buffer linear_backward_accumulate_ adds into: weight's shape, weight's dtype or
+    float32 for a 16-bit weight, weight's device, contiguous (``check_grad_weight_buffer``)."""
+    torch._check(
+        list(grad_weight.shape) == list(weight.shape),
+        lambda: (
+            f"grad_weight must have weight's shape {list(weight.shape)}, got "
+            f"{list(grad_weight.shape)}"
+        ),
+    )
+    is16 = weight.dtype in (torch.float16, torch.bfloat16)
+    torch._check(
+        grad_weight.dtype == weight.dtype or (is16 and grad_weight.dtype == torch.float32),
+        lambda: (
+            f"grad_weight must have weight's dtype ({scalar_type_name(weight.dtype)}, or "
+            f"float32 for a 16-bit weight), got {scalar_type_name(grad_weight.dtype)}"
+        ),
+    )
+    check_same_device_as_weight("grad_weight", grad_weight, weight)
+    torch._check(
+        grad_weight.is_contiguous(),
+        lambda: f"grad_weight must be contiguous, got strides {list(grad_weight.stride())}",
+    )
 
 
 # ---- fake (meta) kernels: shapes only, so torch.compile traces without running kernels -----
@@ -117,7 +183,7 @@ def _check_backward_args(grad_output: Tensor, input: Tensor, weight: Tensor) -> 
 
 @torch.library.register_fake("torchmatgrad::linear")
 def _linear_fake(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    _check_linear_args(input, weight, bias)
+    check_linear_args(input, weight, bias)
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
@@ -125,7 +191,7 @@ def _linear_fake(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 def _linear_backward_fake(
     grad_output: Tensor, input: Tensor, weight: Tensor, output_mask: Sequence[bool]
 ):
-    _check_backward_args(grad_output, input, weight)
+    check_backward_args(grad_output, input, weight)
     gi = input.new_empty(input.shape) if output_mask[0] else None
     gw = weight.new_empty(weight.shape) if output_mask[1] else None
     gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else None
@@ -140,14 +206,8 @@ def _linear_backward_accumulate_fake(
     grad_weight: Tensor,
     output_mask: Sequence[bool],
 ):
-    _check_backward_args(grad_output, input, weight)
-    torch._check(
-        list(grad_weight.shape) == list(weight.shape),
-        lambda: (
-            f"grad_weight must have weight's shape {list(weight.shape)}, got "
-            f"{list(grad_weight.shape)}"
-        ),
-    )
+    check_backward_args(grad_output, input, weight)
+    check_grad_weight_buffer(grad_weight, weight)
     gi = input.new_empty(input.shape) if output_mask[0] else None
     gb = weight.new_empty((weight.shape[0],)) if output_mask[1] else None
     return gi, gb
@@ -377,7 +437,7 @@ def _mask_list(bits: int) -> list[bool]:
 def _linear_backward_eager(grad_output, input, weight, output_mask):
     if not _tracks_derivatives(grad_output, input, weight):
         # The usual backward (no create_graph): straight to the device kernel.
-        with torch._C._AutoDispatchBelowAutograd():
+        with below_autograd():
             return _ops.linear_backward(grad_output, input, weight, output_mask)
     bits = sum(1 << k for k, wanted in enumerate(output_mask) if wanted)
     return _LinearBackwardFunction.apply(grad_output, input, weight, bits)
@@ -386,7 +446,7 @@ def _linear_backward_eager(grad_output, input, weight, output_mask):
 def _tracks_derivatives(*tensors: Tensor | None) -> bool:
     """Whether any derivative of this call can be asked for: reverse mode (grad enabled and an
     input requires grad), forward mode (a dual tensor) or a torch.func transform."""
-    if torch._C._are_functorch_transforms_active():  # first: unpack_dual fails under vmap
+    if functorch_transforms_active():  # first: unpack_dual fails under vmap
         return True
     ts = [t for t in tensors if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
@@ -428,7 +488,7 @@ def linear(
     if not _tracks_derivatives(input, weight, bias):
         # Nothing to differentiate: skip autograd.Function.apply and the op's Python autograd
         # kernel (tens of µs) and go straight to the device kernel.
-        with torch._C._AutoDispatchBelowAutograd():
+        with below_autograd():
             return _ops.linear(input, weight, bias)
     if grad_accumulation == "unfused":
         return _LinearFunction.apply(input, weight, bias)

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-# ---- the dispatch table: keep in step with csrc/ (edit here when kernels change) -----------
+from .. import _C, _compat
+
+# ---- the dispatch table --------------------------------------------------------------------
+#
+# The thresholds and the CPU instruction set come from the extension (_C exports them from
+# csrc/ops.h); the prose describing each path is kept in step with csrc/ by hand.
+
+#: Rows R up to which W is read once per call (kFewRows in csrc/ops.h), CPU and CUDA.
+FEW_ROWS: int = _C.few_rows
+#: Rows R up to which the CPU forward uses dot products over k (kCpuDotRows in csrc/ops.h).
+CPU_DOT_ROWS: int = _C.cpu_dot_rows
 
 
 @dataclass(frozen=True)
@@ -27,14 +37,15 @@ class KernelPath:
     backward: str
 
 
-#: Rows R = input.numel() / in_features. The CPU threshold is kFewRows in csrc/ops.h.
+#: Rows R = input.numel() / in_features.
 DISPATCH: dict[str, tuple[KernelPath, ...]] = {
     "cpu": (
         KernelPath(
-            16,
+            FEW_ROWS,
             "cpu:few-rows",
-            "one pass over W: R ≤ 4 dot products (2-4 W rows streaming side by side); "
-            "5..16 rows of x in the vector lanes, 6 W rows broadcast per step",
+            f"one pass over W: R ≤ {CPU_DOT_ROWS} dot products (2-4 W rows streaming side by "
+            f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, 6 W rows "
+            "broadcast per step",
             "W read once for grad_input (per-thread partials, summed in order), grad_W written "
             "once (streaming stores)",
         ),
@@ -48,7 +59,7 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
     ),
     "cuda": (
         KernelPath(
-            16,
+            FEW_ROWS,
             "cuda:few-rows",
             "W read once: 16 W rows per block, 4 per thread, 8 lanes × 16 B per row, bias fused",
             "one pass over W: grad_W written once, grad_input row-chunk partials summed in "
@@ -108,30 +119,15 @@ def cpu_model() -> str:
 
 
 def cpu_isa() -> str:
-    """The instruction set torchmatgrad's CPU kernels run with: "AVX2+FMA+F16C" when the CPU
-    has all three (the kernels check at run time), else "baseline"."""
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64", "i686", "i386"):
-        return f"baseline ({machine or 'unknown'}, not x86)"
-    flags = _cpuinfo_field("flags")
-    if flags is None:
-        return "baseline (CPU flags not readable)"
-    have = set(flags.split())
-    if {"avx2", "fma", "f16c"} <= have:
-        return "AVX2+FMA+F16C"
-    return "baseline (no " + "/".join(f for f in ("avx2", "fma", "f16c") if f not in have) + ")"
+    """The instruction set torchmatgrad's CPU kernels run with on this machine ("avx512",
+    "avx2" or "baseline"), as the extension picked it from the running CPU."""
+    return str(_C.cpu_isa)
 
 
 def has_kernel(op: str, key: str) -> bool | None:
     """Whether ``torchmatgrad::<op>`` has a kernel registered for dispatch key ``key``
     (None if torch cannot say)."""
-    fn = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
-    if fn is None:
-        return None
-    try:
-        return bool(fn(f"torchmatgrad::{op}", key))
-    except RuntimeError:
-        return None
+    return _compat.has_kernel_for_dispatch_key(f"torchmatgrad::{op}", key)
 
 
 def info_text() -> str:
@@ -144,11 +140,14 @@ def info_text() -> str:
     cuda_line = f"yes (archs {archs or '?'})" if with_cuda else "no (CPU-only build)"
     if with_cuda and has_kernel("linear", "CUDA") is False:
         cuda_line += ", but no CUDA kernel is registered for linear"
+    missing = _compat.missing()
+    compat = ", ".join(missing) + " missing, fallbacks in use" if missing else "all found"
     lines = [
         f"torchmatgrad {torchmatgrad.__version__} ({os.path.dirname(torchmatgrad.__file__)})",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"Python {platform.python_version()} on {sys.platform}",
         f"CUDA kernels compiled: {cuda_line}",
+        f"Private torch APIs (torchmatgrad._compat): {compat}",
         "",
         "Devices:",
         f"  cpu: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "

@@ -15,18 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .jacobian import JacobianOperator, jacobian
+from ..jacobian import JacobianOperator, jacobian
+from ..testing import DTYPES, compare, generator, rand
 
 __all__ = ["main"]
 
 PROG = "python -m torchmatgrad explain"
-
-_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -59,7 +53,7 @@ def _parser() -> _ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--dtype",
-        choices=list(_DTYPES),
+        choices=list(DTYPES),
         default="float64",
         help="dtype of W and x (default float64); references are computed in float64",
     )
@@ -88,30 +82,24 @@ def _header(title: str) -> None:
 
 
 class _Checker:
-    """Compares results with float64 autograd references and remembers mismatches."""
+    """Compares results with float64 autograd references under torchmatgrad.testing's
+    tolerance policy and remembers mismatches."""
 
-    def __init__(self, dtype: torch.dtype, m: int) -> None:
-        # Error bound: one rounding to `dtype` plus a length-m dot product accumulated in
-        # float32 (16-bit types) or in `dtype`, relative to `scale` = max Σ|terms|.
-        self.eps = torch.finfo(dtype).eps
-        acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-        self.eps_acc = torch.finfo(acc).eps
-        self.m = m
+    def __init__(self) -> None:
         self.failures: list[str] = []
         self.count = 0
 
-    def check(self, what: str, got: Tensor, ref: Tensor, scale: float = 1.0) -> None:
-        """Print and record whether got ≈ ref; ``scale`` bounds Σ|terms| of a dot product."""
-        got64, ref64 = got.detach().double().cpu(), ref.detach().double().cpu()
+    def check(
+        self, what: str, got: Tensor, ref: Tensor, *, k: int = 1, scale: float | None = None
+    ) -> None:
+        """Print and record whether got ≈ ref; ``k`` terms were summed into each entry and
+        ``scale`` bounds their Σ|terms| (default max|ref|)."""
         self.count += 1
-        if got64.shape != ref64.shape:
+        if tuple(got.shape) != tuple(ref.shape):
             self.failures.append(what)
-            print(f"  {what}: MISMATCH (shape {list(got64.shape)} vs {list(ref64.shape)})")
+            print(f"  {what}: MISMATCH (shape {list(got.shape)} vs {list(ref.shape)})")
             return
-        err = (got64 - ref64).abs().max().item() if got64.numel() else 0.0
-        scale = max(scale, ref64.abs().max().item() if ref64.numel() else 0.0)
-        tol = (self.eps + (self.m + 1) * self.eps_acc) * max(1.0, scale)
-        ok = err <= tol
+        ok, err, tol = compare(got.detach(), ref, k=k, scale=scale)
         if not ok:
             self.failures.append(what)
         verdict = "matches" if ok else "MISMATCH"
@@ -122,17 +110,17 @@ class _Checker:
 
 
 def _explain(n: int, m: int, seed: int, dtype: torch.dtype, device: torch.device) -> int:
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
 
-    def rand(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    def draw(*shape: int) -> Tensor:
+        return rand(*shape, device=device, dtype=dtype, generator=gen)
 
-    W, x, g, dW = rand(n, m), rand(m), rand(n), rand(n, m)
+    W, x, g, dW = draw(n, m), draw(m), draw(n), draw(n, m)
     # float64 copies of the very same values, for the autograd references.
     W64, x64, g64, dW64 = (t.double() for t in (W, x, g, dW))
     f64 = W64 @ x64
     J_ref = torch.autograd.functional.jacobian(lambda w: w @ x64, W64)  # (n, n, m)
-    checker = _Checker(dtype, m)
+    checker = _Checker()
     dname = str(dtype).removeprefix("torch.")
 
     print(f"The derivative of f = W·x   (n = {n}, m = {m}, dtype = {dname}, seed = {seed})")
@@ -195,7 +183,9 @@ def _explain(n: int, m: int, seed: int, dtype: torch.dtype, device: torch.device
     jv = op.jvp(dW)
     print(_matrix(jv))
     scale = (dW64.abs() @ x64.abs()).max().item()
-    checker.check("dW·x vs J_autograd·dW", jv, torch.einsum("ikl,kl->i", J_ref, dW64), scale=scale)
+    checker.check(
+        "dW·x vs J_autograd·dW", jv, torch.einsum("ikl,kl->i", J_ref, dW64), k=m, scale=scale
+    )
 
     # 6. JVP along all-ones: the circulating wrong answer
     ones = torch.ones(n, m, dtype=dtype, device=device)
@@ -209,8 +199,12 @@ def _explain(n: int, m: int, seed: int, dtype: torch.dtype, device: torch.device
     print("  (xᵀ·1_m)·1_n:")
     print(_matrix(s * torch.ones(n, dtype=torch.float64)))
     scale1 = float(x64.abs().sum().item())
-    checker.check("J·1 vs J_autograd·1", jv1, torch.einsum("ikl,kl->i", J_ref, ones64), scale1)
-    checker.check("J·1 vs (xᵀ·1_m)·1_n", jv1, s * torch.ones(n, dtype=torch.float64), scale=scale1)
+    checker.check(
+        "J·1 vs J_autograd·1", jv1, torch.einsum("ikl,kl->i", J_ref, ones64), k=m, scale=scale1
+    )
+    checker.check(
+        "J·1 vs (xᵀ·1_m)·1_n", jv1, s * torch.ones(n, dtype=torch.float64), k=m, scale=scale1
+    )
     print(
         "  This n-vector is the directional derivative of W·x along dW = all-ones, NOT the\n"
         f"  Jacobian: J has n·n·m = {n * n * m} entries, δ_ik·x_l, mostly 0 and none of them 1\n"
@@ -250,7 +244,7 @@ def main(argv: list[str] | Sequence[str] | None = None) -> int:
             parser.error(f"argument --device: expected cpu or cuda, got {args.device!r}")
     except SystemExit as e:  # --help (0) or a bad argument (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    return _explain(args.n, args.m, args.seed, _DTYPES[args.dtype], device)
+    return _explain(args.n, args.m, args.seed, DTYPES[args.dtype], device)
 
 
 if __name__ == "__main__":
