@@ -88,8 +88,9 @@ at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Chunks of work below this many multiply-adds are not worth a thread.
-constexpr int64_t kMinWorkPerThread = 1 << 15;
+// Chunks of work below this many multiply-adds are not worth a thread: 2^18 is ~10-20 µs on one
+// core, about what waking a second thread costs, so a small layer (256², 8 rows) runs inline.
+constexpr int64_t kMinWorkPerThread = 1 << 18;
 
 // C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), A widened, all row-major.
 // Up to kCpuDotRows rows of A (memory-bound): dot products over K, tiles of kDotTileQ rows of B
