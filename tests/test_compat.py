@@ -55,6 +55,27 @@ def test_functorch_fallback_takes_the_general_path(monkeypatch):
     torch.testing.assert_close(torchmatgrad.linear(x, w), x @ w.t())
 
 
+def test_forward_ad_active():
+    import torch.autograd.forward_ad as fwAD
+
+    assert not _compat.forward_ad_active()
+    with fwAD.dual_level():
+        assert _compat.forward_ad_active()
+    assert not _compat.forward_ad_active()
+
+
+def test_forward_ad_fallback_takes_the_jvp_path(monkeypatch):
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(_compat, "_FORWARD_AD_MODULE", None)
+    assert _compat.forward_ad_active() is True
+    assert "torch.autograd.forward_ad._current_level" in _compat.missing()
+    x, w, t = rand(2, 3, dtype=torch.float64), rand(4, 3, dtype=torch.float64), rand(2, 3)
+    with fwAD.dual_level():
+        y = torchmatgrad.linear(fwAD.make_dual(x, t.double()), w)
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, t.double() @ w.t())
+
+
 def test_will_engine_execute_node():
     w1, w2 = rand(3, requires_grad=True), rand(3, requires_grad=True)
     seen = {}

@@ -34,6 +34,8 @@ _WILL_ENGINE_EXECUTE_NODE: Callable[[Any], bool] | None = getattr(
 _DISPATCH_HAS_KERNEL_FOR_DISPATCH_KEY: Callable[[str, str], bool] | None = getattr(
     torch._C, "_dispatch_has_kernel_for_dispatch_key", None
 )
+# The module whose `_current_level` is the innermost active dual level (-1: none).
+_FORWARD_AD_MODULE: Any = getattr(torch.autograd, "forward_ad", None)
 # Tensor attributes autograd keeps its hooks in (dicts; None or empty when there are none).
 _HOOK_ATTRS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
@@ -50,6 +52,9 @@ def missing() -> list[str]:
         "torch._C._are_functorch_transforms_active": _ARE_FUNCTORCH_TRANSFORMS_ACTIVE,
         "torch._C._will_engine_execute_node": _WILL_ENGINE_EXECUTE_NODE,
         "torch._C._dispatch_has_kernel_for_dispatch_key": _DISPATCH_HAS_KERNEL_FOR_DISPATCH_KEY,
+        "torch.autograd.forward_ad._current_level": getattr(
+            _FORWARD_AD_MODULE, "_current_level", None
+        ),
     }
     out = [name for name, fn in names.items() if fn is None]
     out += [f"torch.Tensor.{a}" for a in _HOOK_ATTRS if not hasattr(torch.Tensor, a)]
@@ -73,6 +78,14 @@ def functorch_transforms_active() -> bool:
     if _ARE_FUNCTORCH_TRANSFORMS_ACTIVE is None:
         return True
     return bool(_ARE_FUNCTORCH_TRANSFORMS_ACTIVE())
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD dual level is open (``torch.autograd.forward_ad.dual_level``,
+    read from ``forward_ad._current_level``), i.e. whether a tensor may carry a tangent.
+    Fallback: True, so that callers take the path with the forward-mode rule."""
+    level = getattr(_FORWARD_AD_MODULE, "_current_level", None)
+    return True if level is None else level >= 0
 
 
 def will_engine_execute_node(node: Any) -> bool | None:

@@ -26,10 +26,11 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
-from ._compat import below_autograd, functorch_transforms_active
+from ._compat import below_autograd, forward_ad_active, functorch_transforms_active
 from .accumulate import check_mode, fused_weight_backward
 
 _ops = torch.ops.torchmatgrad
+_linear_op = _ops.linear.default
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -479,17 +480,26 @@ def linear(
     ``torch.compile(fullgraph=True)``. float32, float64, bfloat16 and float16; 16-bit types
     accumulate in float32.
     """
-    check_mode(grad_accumulation)
-    input, weight, bias = _autocast(input, weight, bias)
     if torch.compiler.is_compiling():
-        # Dynamo cannot trace an autograd.Function with a custom jvp; the registered op
-        # carries the same backward and its fake kernel.
-        return _ops.linear(input, weight, bias)
+        # Dynamo cannot trace an autograd.Function with a custom jvp; the op carries the same
+        # backward (its C++ autograd) and its fake kernel.
+        return _linear_op(input, weight, bias)
+    if (
+        grad_accumulation == "unfused"
+        and not functorch_transforms_active()
+        and not forward_ad_active()
+    ):
+        # The common case: the op's C++ autograd and autocast kernels (csrc/autograd.cpp) do
+        # what F.linear's do, with no Python between the call and the kernel, forward or
+        # backward.
+        return _linear_op(input, weight, bias)
+    check_mode(grad_accumulation)
+    # The Python autograd.Function: forward-mode AD (jvp), torch.func transforms, fused
+    # gradient accumulation. It sees the inputs already cast as autocast would cast them.
+    input, weight, bias = _autocast(input, weight, bias)
     if not _tracks_derivatives(input, weight, bias):
-        # Nothing to differentiate: skip autograd.Function.apply and the op's Python autograd
-        # kernel (tens of µs) and go straight to the device kernel.
         with below_autograd():
-            return _ops.linear(input, weight, bias)
+            return _linear_op(input, weight, bias)
     if grad_accumulation == "unfused":
         return _LinearFunction.apply(input, weight, bias)
     return _LinearFunction.apply(input, weight, bias, grad_accumulation)
