@@ -10,6 +10,7 @@ import math
 import pytest
 import torch  # noqa: F401  (before torchmatgrad's extension)
 
+from torchmatgrad import policy
 from torchmatgrad.cli import bench, info
 
 TINY = ["--quick", "--n", "64", "--B", "1", "4", "--dtype", "float32"]
@@ -105,11 +106,21 @@ def test_bad_device_is_an_error(capsys):
 
 
 def test_dispatch_path():
-    assert info.dispatch_path("cpu", 1) == "cpu:few-rows"
-    assert info.dispatch_path("cpu", 16) == "cpu:few-rows"
-    assert info.dispatch_path("cpu", 17) == "cpu:tiled"
-    assert info.dispatch_path("cuda", 16, torch.bfloat16) == "cuda:few-rows"
-    assert info.dispatch_path("cuda:0", 4096) == "cuda:tiled"
+    with policy.force_path("kernel"):
+        assert info.dispatch_path("cpu", 1) == "cpu:few-rows"
+        assert info.dispatch_path("cpu", 16) == "cpu:few-rows"
+        assert info.dispatch_path("cpu", 17) == "cpu:tiled"
+        assert info.dispatch_path("cuda", 16, torch.bfloat16) == "cuda:few-rows"
+        assert info.dispatch_path("cuda:0", 4096) == "cuda:tiled"
+    with policy.force_path("vendor"):
+        assert info.dispatch_path("cpu", 1) == "cpu:vendor:MKL/oneDNN"
+        assert info.dispatch_path("cuda:0", 4096, op="backward") == "cuda:vendor:cuBLAS"
+    # Unforced: what the installed table says.
+    table = policy.installed()["cpu"]
+    for rows in (1, 16, 17, 300):
+        want = table.path("forward", "float32", 1024, 1024, rows)
+        got = info.dispatch_path("cpu", rows, torch.float32, 1024, 1024)
+        assert (got == "cpu:vendor:MKL/oneDNN") == (want == "vendor"), (rows, got, want)
 
 
 def test_info_reads_the_thresholds_from_the_extension():
@@ -117,8 +128,9 @@ def test_info_reads_the_thresholds_from_the_extension():
 
     for paths in info.DISPATCH.values():
         assert paths[0].max_rows == _C.few_rows
-    assert info.dispatch_path("cpu", _C.few_rows) == "cpu:few-rows"
-    assert info.dispatch_path("cpu", _C.few_rows + 1) == "cpu:tiled"
+    with policy.force_path("kernel"):
+        assert info.dispatch_path("cpu", _C.few_rows) == "cpu:few-rows"
+        assert info.dispatch_path("cpu", _C.few_rows + 1) == "cpu:tiled"
     assert f"R ≤ {_C.cpu_dot_rows} dot products" in info.DISPATCH["cpu"][0].forward
     assert info.cpu_isa() == _C.cpu_isa in ("avx512", "avx2", "baseline")
     assert f"kernels use {_C.cpu_isa}" in info.info_text()

@@ -12,10 +12,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import (
     _C,  # noqa: F401  (runs the op registrations)
     nn,
+    policy,
 )
+from ._version import __version__
 from .jacobian import jacobian
 from .ops import linear
 
-__version__ = "0.1.0"
-
-__all__ = ["jacobian", "linear", "nn", "__version__"]
+__all__ = ["jacobian", "linear", "nn", "policy", "__version__"]

@@ -1,4 +1,4 @@
-"""The command-line tools: ``python -m torchmatgrad info | check | explain | bench``.
+"""The command-line tools: ``python -m torchmatgrad info | check | explain | bench | tune``.
 
 Each command is a module (``bench`` a package) with a ``main(argv) -> int``; :func:`main`
 dispatches to it and is what ``torchmatgrad/__main__.py`` calls. A command's module is imported
@@ -14,13 +14,14 @@ COMMANDS = {
     "check": "check every op on every device against autograd (--transforms: conformance matrix)",
     "explain": "print the derivative of W·x for a small example, checked against autograd",
     "bench": "benchmark against torch (--quick for a one-minute run)",
+    "tune": "measure which path (kernel or vendor) is faster here; write the policy cache",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m torchmatgrad {info,check,explain,bench} [options]\n")
+        print("usage: python -m torchmatgrad {info,check,explain,bench,tune} [options]\n")
         for name, what in COMMANDS.items():
             print(f"  {name:8s} {what}")
         if argv and argv[0] not in ("-h", "--help"):
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         from .info import main as run
     elif command == "explain":
         from .explain import main as run
+    elif command == "tune":
+        from .tune import main as run
     else:
         from .bench import main as run
     return run(rest)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _C, _compat
+from .. import _C, _compat, policy
 
 # ---- the dispatch table --------------------------------------------------------------------
 #
@@ -88,14 +88,73 @@ def _kernel_path(device_type: str, rows: int) -> KernelPath:
     return paths[-1]
 
 
-def dispatch_path(device_type: str, rows: int, dtype: torch.dtype | None = None) -> str:
-    """The name of the kernel path torchmatgrad takes for ``rows`` rows of input on
-    ``device_type`` ("cpu" or "cuda"), e.g. "cpu:few-rows" or "cuda:tiled".
+VENDOR = {"cpu": "vendor:MKL/oneDNN", "cuda": "vendor:cuBLAS"}
 
-    ``dtype`` is accepted for paths that will depend on it; today none does.
-    """
-    del dtype
-    return _kernel_path(str(device_type).split(":")[0], rows).name
+
+def dispatch_path(
+    device_type: str,
+    rows: int,
+    dtype: torch.dtype = torch.float32,
+    n: int = 1024,
+    m: int | None = None,
+    op: str = "forward",
+) -> str:
+    """The path a call takes now: the vendor route ("cpu:vendor:MKL/oneDNN",
+    "cuda:vendor:cuBLAS") or the name of the hand-written kernel path ("cpu:few-rows",
+    "cuda:tiled", ...) for ``rows`` rows of input against an (n, m) weight, as the path policy
+    (:mod:`torchmatgrad.policy`, forcing included) decides it."""
+    device_type = str(device_type).split(":")[0]
+    if policy.path(op, dtype, n, n if m is None else m, rows, device_type) == "vendor":
+        return f"{device_type}:{VENDOR[device_type]}"
+    return _kernel_path(device_type, rows).name
+
+
+def _compact(paths: list[str]) -> list[tuple[str, str]]:
+    """(size range, flags) for runs of size buckets with the same flags."""
+    out: list[tuple[int, int, str]] = []
+    for i, flags in enumerate(paths):
+        if out and out[-1][2] == flags:
+            out[-1] = (out[-1][0], i, flags)
+        else:
+            out.append((i, i, flags))
+    return [
+        (
+            policy.size_label(a) if a == b else f"{policy.size_label(a)}..{policy.size_label(b)}",
+            flags.replace("v", "V"),
+        )
+        for a, b, flags in out
+    ]
+
+
+def policy_text(table: policy.PathTable) -> str:
+    """The path table of one device kind: where it comes from, the path of every (op, dtype,
+    size bucket, rows bucket), and the measured times behind it (if any)."""
+    rows = " ".join(policy.rows_label(r) for r in range(policy.N_ROWS))
+    lines = [
+        f"  {table.device_kind}: {table.source}",
+        f"  k = hand-written kernel, V = vendor route; one letter per rows bucket ({rows})",
+    ]
+    if table.paths:
+        for op in policy.OPS:
+            for dt in policy.DTYPES:
+                runs = "; ".join(
+                    f"{size} {flags}" for size, flags in _compact(table.paths[(op, dt)])
+                )
+                lines.append(f"    {op:10s} {dt:8s} {runs}")
+    if table.measurements:
+        lines.append("  measured (rows: kernel ms / vendor ms, the faster first-marked):")
+        groups: dict[tuple[str, str, int, int], list[str]] = {}
+        for p in table.measurements:
+            key = (p["op"], p["dtype"], p["n"], p["m"])
+            if p.get("inferred"):
+                groups.setdefault(key, []).append(f"{p['rows']}: {p['inferred']} (inferred)")
+                continue
+            k, v = p["kernel_ms"], p["vendor_ms"]
+            mark = "V" if v < k else "k"
+            groups.setdefault(key, []).append(f"{p['rows']}: {k:.3g}/{v:.3g} {mark}")
+        for (op, dt, n, m), cells in groups.items():
+            lines.append(f"    {op:10s} {dt:8s} {n}×{m}: " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 # ---- machine facts -------------------------------------------------------------------------
@@ -172,7 +231,11 @@ def info_text() -> str:
             marks.append(f"{key} {'yes' if h else '?' if h is None else 'no'}")
         lines.append(f"  {op:<{width}}  " + ", ".join(marks))
 
-    lines += ["", "Dispatch (R = rows of input):"]
+    lines += ["", "Path policy (torchmatgrad.policy; forced: " + policy.current_path() + "):"]
+    for table in policy.installed().values():
+        lines.append(policy_text(table))
+
+    lines += ["", "Hand-written kernel paths (R = rows of input):"]
     for paths in DISPATCH.values():
         lo = 0
         for p in paths:

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = _progress(len(grid), not args.no_progress)
     rows: list[dict[str, Any]] = []
-    rates: dict[tuple[str, str, str, str], float] = {}
+    rates: dict[tuple[str, ...], float] = {}
     try:
         for d, dt, n, B in grid:
             if bar is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import torchmatgrad
+from torchmatgrad import policy
 
 from .. import info
 from .machine import _cache_bytes, _device_name
@@ -97,6 +98,18 @@ def _copies(w_bytes: int, device: torch.device) -> int:
     return max(1, min(MAX_COPIES, math.ceil(2 * _cache_bytes(device) / max(1, w_bytes))))
 
 
+def case_path(
+    case: str, device_type: str, dtype: torch.dtype, n: int, m: int, B: int, variant: str
+) -> str:
+    """The paths a torchmatgrad peer's ops take under the current policy (forcing included),
+    e.g. "cpu:few-rows" or "cpu:few-rows+cpu:vendor:MKL/oneDNN" (forward, then backward)."""
+    ops = ["forward"]
+    if case != "fwd":
+        ops.append("accumulate" if variant.startswith("fused") else "backward")
+    labels = [info.dispatch_path(device_type, B, dtype, n, m, op) for op in ops]
+    return "+".join(dict.fromkeys(labels))
+
+
 def _peers_for(
     case: str,
     device: torch.device,
@@ -108,32 +121,36 @@ def _peers_for(
     gy: torch.Tensor | None,
     compile_peers: bool,
 ) -> list[_Peer]:
+    """torch, torchmatgrad on its default (policy) path, and, where the default is not the
+    hand-written kernel everywhere, torchmatgrad forced onto the kernel (variant "kernel"), so
+    the kernels' own numbers stay visible beside the default's."""
     k = len(ws)
-    path = info.dispatch_path(device.type, B, dtype)
+    n, m = ws[0].shape
+    default = policy.current_path()  # "auto", unless TORCHMATGRAD_PATH forces one
+
+    def path_for(variant: str, forced: str) -> str:
+        with policy.force_path(forced):
+            return case_path(case, device.type, dtype, n, m, B, variant)
+
+    # (name, function, variant, forced path)
     impls: list[tuple[str, Callable[..., torch.Tensor], str, str]] = [
-        ("torch", _torch_linear, "aten", "-"),
-        ("torchmatgrad", _tmg_linear, path, "unfused" if case == "fwdbwd_acc" else "-"),
+        ("torch", _torch_linear, "-", default)
     ]
-    if case == "fwdbwd_acc":
-        # The backward kernel adds into the existing .grad in place (issue: fused accumulation).
-        fused = functools.partial(_tmg_linear, grad_accumulation="fused")
-        impls.append(("torchmatgrad", fused, path, "fused"))
+    variants = ["unfused", "fused"] if case == "fwdbwd_acc" else ["-"]
+    for variant in variants:
+        fn = _tmg_linear
+        if variant == "fused":
+            # The backward kernel adds into the existing .grad in place (fused accumulation).
+            fn = functools.partial(_tmg_linear, grad_accumulation="fused")
+        impls.append(("torchmatgrad", fn, variant, default))
+        if path_for(variant, default) != path_for(variant, "kernel"):
+            kernel_variant = "kernel" if variant == "-" else f"{variant},kernel"
+            impls.append(("torchmatgrad", fn, kernel_variant, "kernel"))
     if compile_peers:
         torch.compiler.reset()
-        impls.append(
-            ("torch.compile", torch.compile(_torch_linear, dynamic=False), "inductor", "-")
-        )
-        impls.append(
-            (
-                "torchmatgrad.compile",
-                torch.compile(_tmg_linear, dynamic=False),
-                info.dispatch_path(device.type, B, dtype),
-                "-",
-            )
-        )
-
-    def nothing(i: int) -> None:
-        pass
+        impls.append(("torch.compile", torch.compile(_torch_linear, dynamic=False), "-", default))
+        tmg_compiled = torch.compile(_tmg_linear, dynamic=False)
+        impls.append(("torchmatgrad.compile", tmg_compiled, "-", default))
 
     def clear_grads(i: int) -> None:
         j = i % k
@@ -145,23 +162,35 @@ def _peers_for(
         x.grad = None
 
     peers = []
-    for name, fn, path, variant in impls:
+    for name, fn, variant, forced in impls:
+        if case == "fwdbwd_acc" and name == "torchmatgrad.compile":
+            variant = "unfused"
+        if name == "torch":
+            path = "aten"
+        elif name == "torch.compile":
+            path = "inductor"
+        else:
+            path = path_for(variant, forced)
         if case == "fwd":
+            clear = None
 
             def call(i: int, fn: Callable[..., torch.Tensor] = fn) -> torch.Tensor:
                 return fn(x, ws[i % k], bs[i % k])
 
-            peers.append(_Peer(name, variant, path, nothing, call))
-            continue
-        if case == "fwdbwd_acc" and name == "torchmatgrad.compile":
-            variant = "unfused"
+        else:
+            clear = clear_grads if case == "fwdbwd" else clear_input_grad
 
-        def call(i: int, fn: Callable[..., torch.Tensor] = fn) -> torch.Tensor:
-            y = fn(x, ws[i % k], bs[i % k])
-            y.backward(gy)
-            return y
+            def call(i: int, fn: Callable[..., torch.Tensor] = fn) -> torch.Tensor:
+                y = fn(x, ws[i % k], bs[i % k])
+                y.backward(gy)
+                return y
 
-        pre = clear_grads if case == "fwdbwd" else clear_input_grad
+        def pre(i: int, clear=clear, forced: str = forced) -> None:
+            # Every peer sets the path it is timed on: the override is process-wide.
+            policy._set_forced(forced)
+            if clear is not None:
+                clear(i)
+
         peers.append(_Peer(name, variant, path, pre, call))
     return peers
 
@@ -179,14 +208,15 @@ def run_point(
     copy_bw: float,
     compile_peers: bool,
     seed: int = 0,
-    rates: dict[tuple[str, str, str, str], float] | None = None,
+    rates: dict[tuple[str, ...], float] | None = None,
     max_call_time: float = math.inf,
 ) -> list[dict[str, Any]]:
     """Time every case and peer at one (device, dtype, n, B); one row per case and peer.
 
-    ``rates`` maps (device, dtype, case, peer) to the FLOP/s of that peer's last timed row and
-    is updated here; a peer predicted from it to take over ``max_call_time`` seconds per call
-    is skipped (its row says so), which keeps the slow 16-bit CPU GEMMs at large B bounded."""
+    ``rates`` maps (device, dtype, case, peer, variant) to the FLOP/s of that peer's last timed
+    row and is updated here; a peer predicted from it to take over ``max_call_time`` seconds per
+    call is skipped (its row says so), which keeps the slow 16-bit CPU GEMMs at large B
+    bounded."""
     dtype = DTYPES[dtype_name]
     m = n
     elem = torch.empty((), dtype=dtype).element_size()
@@ -212,15 +242,22 @@ def run_point(
         fb = floor_bytes(case, n, m, B, elem)
         fl = flops(case, n, m, B)
         for p in peers:
-            rate = None if rates is None else rates.get((str(device), dtype_name, case, p.name))
+            # This variant's last rate, else any variant's of the same peer (a variant may
+            # first appear at a larger point, e.g. the kernel row beside a vendor default).
+            key = (str(device), dtype_name, case, p.name, p.variant)
+            rate = None if rates is None else rates.get(key, rates.get(key[:4]))
             if rate and fl / rate > max_call_time:
                 p.error = (
                     f"skipped: ~{fl / rate:.0f} s per call predicted "
                     f"(> --max-call-time {max_call_time:g})"
                 )
         counter = itertools.count()
-        _warm(peers, device, warmup, max_time, counter)
-        _sample(peers, device, reps, max_time, counter)
+        default = policy.current_path()
+        try:
+            _warm(peers, device, warmup, max_time, counter)
+            _sample(peers, device, reps, max_time, counter)
+        finally:
+            policy._set_forced(default)  # the peers set the process-wide override in turn
         floor_s = fb / copy_bw
         torch_median = None
         for p in peers:
@@ -228,6 +265,7 @@ def run_point(
             if p.name == "torch":
                 torch_median = med
             if med and rates is not None:
+                rates[(str(device), dtype_name, case, p.name, p.variant)] = fl / med
                 rates[(str(device), dtype_name, case, p.name)] = fl / med
             q = statistics.quantiles(p.samples, n=4) if len(p.samples) >= 2 else None
             rows.append(

@@ -1,0 +1,276 @@
+"""The path policy: the table, forcing a path, `tune` and its cache, and the vendor routes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchmatgrad
+from torchmatgrad import policy
+from torchmatgrad.cli import tune
+from torchmatgrad.testing import assert_close, rand
+
+ops = torch.ops.torchmatgrad
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def restore_policy():
+    before = policy.installed()
+    yield
+    for device_type, table in before.items():
+        policy.install(table, device_type)
+
+
+def _random_table(seed: int) -> policy.PathTable:
+    rng = random.Random(seed)
+    paths = {
+        (op, dt): [
+            "".join(rng.choice("kv") for _ in range(policy.N_ROWS)) for _ in range(policy.N_SIZES)
+        ]
+        for op in policy.OPS
+        for dt in policy.DTYPES
+    }
+    return policy.PathTable("test", "random", paths).validate()
+
+
+@pytest.mark.usefixtures("restore_policy")
+def test_cpp_and_python_agree_on_buckets():
+    """The C++ decision equals the Python table lookup for random tables and shapes, the
+    bucket edges included (both read _C.path_size_edges / path_row_edges)."""
+    rng = random.Random(0)
+    for seed in range(3):
+        table = _random_table(seed)
+        policy.install(table, "cpu")
+        shapes = [(1, 1, 0), (64, 64, 1), (65, 64, 2), (4096, 4096, 1024), (4097, 4096, 1025)]
+        shapes += [
+            (rng.randint(1, 9000), rng.randint(1, 9000), rng.randint(0, 5000)) for _ in range(300)
+        ]
+        for n, m, rows in shapes:
+            for op in policy.OPS:
+                for dt in policy.DTYPES:
+                    want = table.path(op, dt, n, m, rows)
+                    assert policy.path(op, getattr(torch, dt), n, m, rows) == want
+
+
+def test_bucket_edges_come_from_the_extension():
+    assert policy.SIZE_EDGES == tuple(torchmatgrad._C.path_size_edges)
+    assert policy.ROW_EDGES == tuple(torchmatgrad._C.path_row_edges)
+    assert policy.rows_bucket(torchmatgrad._C.few_rows) < policy.rows_bucket(
+        torchmatgrad._C.few_rows + 1
+    )
+
+
+def test_force_path_context_manager():
+    assert policy.current_path() == "auto"
+    with policy.force_path("vendor"):
+        assert policy.path("forward", torch.float32, 64, 64, 1) == "vendor"
+        with policy.force_path("kernel"):
+            assert policy.path("forward", torch.float32, 4096, 4096, 4096) == "kernel"
+        assert policy.current_path() == "vendor"
+    assert policy.current_path() == "auto"
+    with pytest.raises(ValueError, match="path must be one of auto, kernel, vendor, got 'fast'"):
+        with policy.force_path("fast"):
+            pass
+    assert policy.current_path() == "auto"
+
+
+def test_same_shape_same_path():
+    seen = {policy.path("backward", torch.float32, 300, 200, r) for _ in range(5) for r in (40,)}
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("value", ["kernel", "vendor"])
+def test_environment_forces_a_path(value):
+    done = _python(
+        "import torch, torchmatgrad as t\n"
+        "print(t.policy.current_path(), t.policy.path('forward', torch.float32, 4096, 4096, 1),"
+        " t.policy.path('forward', torch.float32, 64, 64, 4096))",
+        TORCHMATGRAD_PATH=value,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [value] * 3
+
+
+def test_bad_environment_value_is_a_clear_error():
+    done = _python("import torchmatgrad", TORCHMATGRAD_PATH="fastest")
+    assert done.returncode != 0
+    assert "TORCHMATGRAD_PATH must be one of auto, kernel, vendor, got 'fastest'" in done.stderr
+
+
+@pytest.mark.parametrize("path", ["kernel", "vendor"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(1,), (3, 7), (40,)], ids=str)
+def test_both_paths_match_the_reference(path, dtype, rows):
+    n, m = 33, 70
+    x, w, b, g = rand(*rows, m, dtype=dtype), rand(n, m, dtype=dtype), rand(n, dtype=dtype), None
+    g = rand(*rows, n, dtype=dtype)
+    buf0 = rand(n, m, dtype=dtype)
+    with policy.force_path(path):
+        y = ops.linear(x, w, b)
+        gi, gw, gb = ops.linear_backward(g, x, w, [True, True, True])
+        buf = buf0.clone()
+        agi, agb = ops.linear_backward_accumulate_(g, x, w, buf, [True, True])
+    k = x.numel() // m
+    X, G, W = x.double().reshape(k, m), g.double().reshape(k, n), w.double()
+    peer = torch.nn.functional.linear(x, w, b)
+    assert_close(y, torch.nn.functional.linear(x.double(), W, b.double()), k=m, peers=[peer])
+    assert_close(gi, (G @ W).reshape(x.shape), k=n, peers=[(g.reshape(k, n) @ w).reshape(x.shape)])
+    assert_close(gw, G.t() @ X, k=k, peers=[g.reshape(k, n).t() @ x.reshape(k, m)])
+    assert_close(gb, G.sum(0), k=k, peers=[g.reshape(k, n).sum(0)])
+    assert_close(
+        buf,
+        buf0.double() + G.t() @ X,
+        k=k + 1,
+        peers=[buf0 + g.reshape(k, n).t() @ x.reshape(k, m)],
+    )
+    assert torch.equal(agi, gi) and torch.equal(agb, gb)
+
+
+@pytest.mark.parametrize("dtype16", [torch.bfloat16, torch.float16])
+def test_vendor_fp32_master_gradient(dtype16):
+    n, m, rows = 24, 40, 9
+    x, w, g = rand(rows, m, dtype=dtype16), rand(n, m, dtype=dtype16), rand(rows, n, dtype=dtype16)
+    buf0 = rand(n, m)
+    out = {}
+    for path in ("kernel", "vendor"):
+        buf = buf0.clone()
+        with policy.force_path(path):
+            ops.linear_backward_accumulate_(g, x, w, buf, [False, False])
+        out[path] = buf
+    ref = buf0.double() + g.double().t() @ x.double()
+    for buf in out.values():
+        assert buf.dtype == torch.float32
+        assert_close(buf, ref, k=rows + 1)  # a float32 rounding bound: accumulated in float32
+
+
+def test_vendor_accumulation_adds_in_place_without_a_weight_sized_temporary():
+    n, m, rows = 256, 192, 8
+    x, w, g = rand(rows, m), rand(n, m), rand(rows, n)
+    buf = rand(n, m)
+    ptr = buf.data_ptr()
+    with policy.force_path("vendor"):
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            ops.linear_backward_accumulate_(g, x, w, buf, [True, True])
+    assert buf.data_ptr() == ptr
+    events = prof.key_averages()
+    names = {e.key for e in events}
+    assert "aten::addmm_" in names, names
+    w_bytes = n * m * buf.element_size()
+    biggest = max(e.self_cpu_memory_usage for e in events)
+    assert biggest < w_bytes, (biggest, w_bytes)
+
+
+def test_fused_accumulation_on_the_vendor_path():
+    """grad_accumulation='fused' still adds into .grad in place on the vendor route."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(48, 32)
+    ours = torchmatgrad.nn.Linear(48, 32, grad_accumulation="fused")
+    ours.load_state_dict(ref.state_dict())
+    with policy.force_path("vendor"):
+        for _ in range(3):
+            x = rand(40, 48)
+            ref(x).square().sum().backward()
+            buf = ours.weight.grad
+            ours(x).square().sum().backward()
+            if buf is not None:
+                assert ours.weight.grad is buf
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_writes_the_cache_that_import_reads(tmp_path):
+    env = {"TORCHMATGRAD_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torchmatgrad",
+            "tune",
+            "--quick",
+            "--sizes",
+            "64",
+            "128",
+            "--rows",
+            "1",
+            "32",
+            "--reps",
+            "3",
+            "--max-time",
+            "0.05",
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    files = list(tmp_path.glob("policy-cpu-*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert doc["source"].startswith("tune on ") and len(doc["measurements"]) == 3 * 2 * 2
+    probe = _python(
+        "import json, torchmatgrad as t\n"
+        "table = t.policy.installed()['cpu']\n"
+        "print(json.dumps([table.source, table.to_json()['paths']]))",
+        **env,
+    )
+    assert probe.returncode == 0, probe.stderr
+    source, paths = json.loads(probe.stdout)
+    assert source == doc["source"] and paths == doc["paths"]
+
+
+def test_derive_table_generalises_from_measured_points():
+    pts = [
+        dict(op=op, dtype="float32", n=n, m=n, rows=r, kernel_ms=1.0, vendor_ms=v)
+        for op in policy.OPS
+        for n in (256, 4096)
+        for r, v in ((1, 2.0), (16, 2.0), (256, 0.5))
+    ]
+    table = tune.derive_table("test", "unit", pts)
+    # Measured points decide their own buckets; others take the nearest; float64 copies
+    # float32; bfloat16/float16 (not measured) keep the generic rule.
+    assert table.path("forward", "float32", 4096, 4096, 1) == "kernel"
+    assert table.path("forward", "float32", 4096, 4096, 256) == "vendor"
+    assert table.path("forward", "float32", 4096, 11008, 300) == "vendor"  # rectangular, unmeasured
+    assert table.path("forward", "float32", 300, 500, 8) == "kernel"
+    assert table.path("backward", "float64", 256, 256, 256) == "vendor"
+    assert (
+        table.paths[("forward", "bfloat16")]
+        == policy.generic_table("x").paths[("forward", "bfloat16")]
+    )
+    # A tie (within the margin) stays on the kernel.
+    tie = [dict(pts[0], kernel_ms=1.0, vendor_ms=0.99)]
+    assert (
+        tune.derive_table("test", "unit", tie).path("forward", "float32", 256, 256, 1) == "kernel"
+    )
+
+
+def test_info_prints_the_table():
+    from torchmatgrad.cli import info
+
+    text = info.info_text()
+    assert "Path policy" in text
+    assert policy.installed()["cpu"].source in text
+    for op in policy.OPS:
+        assert op in text
