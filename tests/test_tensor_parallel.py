@@ -15,8 +15,12 @@ import contextlib
 import copy
 import importlib.util
 import itertools
+import os
 import random
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +203,7 @@ def _compare_with_nn_linear(
         torch.testing.assert_close(a, b)
     assert {"torchmatgrad.linear", "torchmatgrad.linear_backward"} <= ops, sorted(ops)
     assert not {"aten.mm", "aten.addmm", "aten.linear"} & ops, sorted(ops)
+    return ops
 
 
 def _tp(mesh, plan):
@@ -321,16 +326,41 @@ def check_fused_accumulation(rank, world):
         assert any("torch.distributed is initialized" in m for m in messages), messages
 
 
+def check_fused_accumulation_on_shards(rank, world):
+    """Lifting the more-than-one-process rule (TP alone would not need it): the fused kernel then
+    adds Gᵀ·X into the column- and row-wise shards of weight.grad in place, through the DTensor
+    rule of linear_backward_accumulate_, with nn.Linear's results."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    accumulate = torchmatgrad.accumulate
+    world_size = accumulate._distributed_world
+    accumulate._distributed_world = lambda: 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback
+            ops = _compare_with_nn_linear(
+                lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 6)),
+                _tp(_tp_mesh(world), {"0": ColwiseParallel(), "2": RowwiseParallel()}),
+                _batches((4, 6)),
+                grad_accumulation="fused",
+                micro_batches=2,
+            )
+    finally:
+        accumulate._distributed_world = world_size
+    assert "torchmatgrad.linear_backward_accumulate_" in ops, sorted(ops)
+
+
 def check_registered_on_import(rank, world):
-    """`import torchmatgrad` alone is enough: the rules are registered as soon as torch's tensor
-    parallelism imports torch.distributed.tensor."""
+    """`import torchmatgrad` (done by this module) does not import torch.distributed.tensor
+    (about a second), and is enough: the rules are registered as soon as torch's tensor
+    parallelism imports it. First in each launch, before anything imports it."""
     import sys
 
+    assert "torch.distributed.tensor" not in sys.modules
+    assert not torchmatgrad.distributed._registered
     import torch.distributed.tensor.parallel  # noqa: F401
 
-    assert "torch.distributed.tensor" in sys.modules
     assert torchmatgrad.distributed._registered
-    assert torchmatgrad.distributed.register_sharding_rules()
 
 
 def check_hf_llama(rank, world):
@@ -565,9 +595,11 @@ CHECKS_2 = {
     "llama_block": check_llama_block,
     "llama_block_sequence_parallel": check_llama_block_sequence_parallel,
     "fused_accumulation": check_fused_accumulation,
+    "fused_accumulation_on_shards": check_fused_accumulation_on_shards,
     **({"hf_llama": check_hf_llama} if _HAVE_TRANSFORMERS else {}),
 }
 CHECKS_4 = {
+    "registered_on_import": check_registered_on_import,
     "ops": check_ops,
     "ops_2d": check_ops_2d,
     "llama_block_sequence_parallel": check_llama_block_sequence_parallel,
@@ -595,6 +627,23 @@ def test_two_processes(two_processes, check):
 @pytest.mark.parametrize("check", list(CHECKS_4))
 def test_four_processes(four_processes, check):
     assert four_processes[check] is None, four_processes[check]
+
+
+@skip_unless_distributed()
+def test_registered_when_torchmatgrad_comes_second():
+    """torch.distributed.tensor imported before torchmatgrad: the rules are registered at once.
+    (The other order is the first check of the launches above.)"""
+    code = (
+        "import torch.distributed.tensor, torchmatgrad\n"
+        "assert torchmatgrad.distributed._registered\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+
+
+def _env():
+    """This environment, with the torchmatgrad under test first on the path."""
+    root = str(Path(torchmatgrad.__file__).parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
 
 
 @skip_unless_distributed()
