@@ -583,6 +583,9 @@ def check_ops_2d(rank, world):
 
 # ---- the two launches ----------------------------------------------------------------------
 
+# Each launch takes 30-40 s on 2 idle cores; the limit leaves room for a loaded CI machine.
+TIMEOUT_S = 300
+
 _HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 CHECKS_2 = {
@@ -609,12 +612,12 @@ CHECKS_4 = {
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    return run_checks(CHECKS_2, 2, tmp_path_factory.mktemp("tp2"))
+    return run_checks(CHECKS_2, 2, tmp_path_factory.mktemp("tp2"), timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def four_processes(tmp_path_factory):
-    return run_checks(CHECKS_4, 4, tmp_path_factory.mktemp("tp4"))
+    return run_checks(CHECKS_4, 4, tmp_path_factory.mktemp("tp4"), timeout_s=TIMEOUT_S)
 
 
 @skip_unless_distributed()
