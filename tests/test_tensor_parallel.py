@@ -633,13 +633,21 @@ def test_four_processes(four_processes, check):
 
 
 @skip_unless_distributed()
-def test_registered_when_torchmatgrad_comes_second():
-    """torch.distributed.tensor imported before torchmatgrad: the rules are registered at once.
-    (The other order is the first check of the launches above.)"""
-    code = (
-        "import torch.distributed.tensor, torchmatgrad\n"
-        "assert torchmatgrad.distributed._registered\n"
-    )
+@pytest.mark.parametrize(
+    "code",
+    [
+        # torch.distributed.tensor imported first: registered by `import torchmatgrad`
+        "import torch.distributed.tensor, torchmatgrad",
+        # explicitly, before anything imported torch.distributed.tensor (the import hook fires
+        # inside the call)
+        "import torchmatgrad; assert torchmatgrad.distributed.register_sharding_rules()",
+    ],
+    ids=["dtensor_first", "explicit"],
+)
+def test_registration_in_a_fresh_process(code):
+    """The other order, `import torchmatgrad` then torch's TP, is the first check of each
+    launch above."""
+    code += "\nassert torchmatgrad.distributed._registered"
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
 
 

@@ -67,7 +67,7 @@ _registered = False
 # ---- private torch APIs: every one this module uses is here ---------------------------------
 
 
-def _key_cache_on(op: torch._ops.OpOverload, first_static_arg: int) -> None:
+def _key_cache_on(op, first_static_arg: int) -> None:
     """Make DTensor's sharding cache tell calls apart by the arguments from ``first_static_arg``
     on (the ``output_mask``). ``register_sharding`` keys the cache on the tensors' specs and on
     the arguments from the first ``int`` one; a ``bool[]`` mask is not among them, so a call
@@ -213,6 +213,8 @@ def register_sharding_rules() -> bool:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.experimental import register_sharding
 
+    if _registered:  # the import above ran the import hook, which registered
+        return True
     ops = torch.ops.torchmatgrad
     register_sharding(ops.linear.default)(_linear_rules)
     register_sharding(ops.linear_backward.default)(_linear_backward_rules)
