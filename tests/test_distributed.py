@@ -7,43 +7,14 @@ gradient accumulation, including no_sync() micro-batches.
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _distributed_harness import run_workers, skip_unless_distributed
 
 
 def _model(cls, **kw):
     torch.manual_seed(0)
     return torch.nn.Sequential(cls(6, 8, **kw), torch.nn.Tanh(), cls(8, 3, **kw))
-
-
-def _worker(rank: int, body, world: int, port: int, result_dir: str) -> None:
-    """Start the process group, run body(rank, world), leave ok<rank> or err<rank> behind."""
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
-        body(rank, world)
-        open(os.path.join(result_dir, f"ok{rank}"), "w").close()
-    except Exception:
-        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _ddp(rank: int, world: int) -> None:
@@ -108,33 +79,11 @@ def _fsdp(rank: int, world: int) -> None:
         torch.testing.assert_close(a, b)
 
 
-def _run_two(body, tmp_path) -> None:
-    world, port = 2, _free_port()
-    ctx = mp.start_processes(
-        _worker,
-        args=(body, world, port, str(tmp_path)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    import time
-
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
-    errors = [p.read_text() for p in sorted(tmp_path.glob("err*"))]
-    assert not errors, "\n".join(errors)
-    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]
-
-
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@skip_unless_distributed()
 def test_ddp_matches_nn_linear(tmp_path):
-    _run_two(_ddp, tmp_path)
+    run_workers(_ddp, 2, tmp_path)
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@skip_unless_distributed()
 def test_fsdp2_matches_nn_linear(tmp_path):
-    _run_two(_fsdp, tmp_path)
+    run_workers(_fsdp, 2, tmp_path)

@@ -11,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import (
     _C,  # noqa: F401  (runs the op registrations)
+    distributed,  # noqa: F401  (DTensor sharding rules for tensor parallelism)
     nn,
     policy,
 )
