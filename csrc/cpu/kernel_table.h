@@ -20,8 +20,9 @@ struct f16_t {
   uint16_t x;
 };
 
-// Rows of B (the weight) per tile of gemm_nt_tile.
+// Rows of B (the weight) per tile of gemm_nt_tile, and at most per tile of gemm_lanes_tile.
 constexpr int64_t kDotTileQ = 16;
+constexpr int64_t kLanesTileQ = 96;
 
 // Sums are accumulated in float (double for double); 16-bit values are widened on load.
 template <typename T>

@@ -118,7 +118,7 @@ void gemm_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int6
     return;
   }
   const int64_t tp = cpu::table().lanes_block;
-  constexpr int64_t tq = 96;
+  constexpr int64_t tq = cpu::kLanesTileQ;
   const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;
   auto a = at::from_blob(const_cast<A_t*>(A), {P, K}, {lda, 1}, acc_opts);
   auto xt = at::zeros({np * tp, K}, acc_opts);
