@@ -51,6 +51,8 @@ PyObject* PyInit__C(void) {
   }
   try {  // TORCHMATGRAD_CPU_ISA may name an ISA this CPU lacks: an ImportError, not a crash
     PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu::table().isa);
+    PyModule_AddIntConstant(module, "cpu_lanes_block",
+                            long(torchmatgrad::cpu::table().lanes_block));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
     Py_DECREF(module);

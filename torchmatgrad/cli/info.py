@@ -43,16 +43,18 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
         KernelPath(
             FEW_ROWS,
             "cpu:few-rows",
-            f"one pass over W: R ≤ {CPU_DOT_ROWS} dot products (2-4 W rows streaming side by "
-            f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, 6 W rows "
-            "broadcast per step",
+            f"one pass over W: R ≤ {CPU_DOT_ROWS} dot products (2-8 W rows streaming side by "
+            f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, a register "
+            "tile of W rows broadcast per step",
             "W read once for grad_input (per-thread partials, summed in order), grad_W written "
             "once (streaming stores)",
         ),
         KernelPath(
             None,
             "cpu:tiled",
-            "tiled: 16 rows of x (in vector lanes) × 96 W rows per tile, 6×16 register tile",
+            f"tiled: blocks of {_C.cpu_lanes_block} rows of x (transposed, in the vector lanes) "
+            "× 96 W rows per tile, k in 16 KiB slices of x, register tiles of 6 (AVX2) or 8 "
+            "(AVX-512) W rows × 2 vectors",
             "grad_W: W rows split over threads, each summing R rows of X (no copy of W); "
             "grad_input: the tiled kernel reading W transposed in place",
         ),
