@@ -1,5 +1,5 @@
 """Every feature on both paths: the op, autograd, transform, Jacobian, module, accumulation and
-distributed tests run again with the process forced onto the hand-written kernels
+distributed (DDP, FSDP2, tensor-parallel) tests run again with the process forced onto the hand-written kernels
 (TORCHMATGRAD_PATH=kernel) and onto the vendor routes (TORCHMATGRAD_PATH=vendor). The default
 run (the policy's mix) is the rest of the suite."""
 
@@ -21,6 +21,7 @@ FILES = [
     "test_nn.py",
     "test_errors.py",
     "test_distributed.py",
+    "test_tensor_parallel.py",
 ]
 
 
