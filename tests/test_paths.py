@@ -1,7 +1,7 @@
 """Every feature on both paths: the op, autograd, transform, Jacobian, module, accumulation and
-distributed (DDP, FSDP2, tensor-parallel) tests run again with the process forced onto the hand-written kernels
-(TORCHMATGRAD_PATH=kernel) and onto the vendor routes (TORCHMATGRAD_PATH=vendor). The default
-run (the policy's mix) is the rest of the suite."""
+distributed (DDP, FSDP2, tensor-parallel) tests run again with the process forced onto the
+hand-written kernels (TORCHMATGRAD_PATH=kernel) and onto the vendor routes
+(TORCHMATGRAD_PATH=vendor). The default run (the policy's mix) is the rest of the suite."""
 
 from __future__ import annotations
 
