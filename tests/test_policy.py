@@ -274,3 +274,27 @@ def test_info_prints_the_table():
     assert policy.installed()["cpu"].source in text
     for op in policy.OPS:
         assert op in text
+
+
+def test_measured_defaults_are_valid_and_say_where_they_come_from():
+    assert policy.DEFAULTS, "no measured default table"
+    for kind, table in policy.DEFAULTS.items():
+        assert table.device_kind == kind and table.validate() is table
+        assert table.measurements, kind  # every default keeps the numbers it came from
+        assert "torch" in table.source and "20" in table.source, table.source  # torch, date
+        for p in table.measurements:  # and agrees with them where it was measured
+            if p.get("inferred"):
+                continue
+            want = "vendor" if policy.choice(p) == "v" else "kernel"
+            assert table.path(p["op"], p["dtype"], p["n"], p["m"], p["rows"]) == want, (kind, p)
+
+
+def test_tune_from_bench_derives_a_table(tmp_path, capsys):
+    runs = sorted((ROOT / "benchmarks" / "results").glob("3522df2-*.json"))
+    out = tmp_path / "amd.json"
+    argv = ["--from-bench", *map(str, runs), "--kind", "cpu/test", "--source", "unit test"]
+    assert tune.main([*argv, "--out", str(out)]) == 0
+    table = policy.PathTable.from_json(json.loads(out.read_text())).validate()
+    assert table.device_kind == "cpu/test" and table.measurements
+    assert tune.main(argv) == 2  # no --out
+    assert "needs --kind, --source and --out" in capsys.readouterr().err

@@ -147,6 +147,18 @@ class PathTable:
         return cls(doc["device_kind"], doc["source"], paths, list(doc.get("measurements", [])))
 
 
+#: The vendor route is taken only when faster than the kernel by more than this fraction
+#: (timing noise must not flip a tie away from the hand-written kernel).
+MARGIN = 0.02
+
+
+def choice(point: dict) -> str:
+    """ "k" or "v" for one measured point (kernel_ms, vendor_ms; or inferred)."""
+    if point.get("inferred"):
+        return point["inferred"][0]
+    return "v" if point["vendor_ms"] < (1 - MARGIN) * point["kernel_ms"] else "k"
+
+
 def generic_table(device_kind: str) -> PathTable:
     row = _generic_row()
     paths = {(op, dt): [row] * N_SIZES for op in OPS for dt in DTYPES}
@@ -178,11 +190,23 @@ def table_from_rules(device_kind: str, source: str, rules: dict) -> PathTable:
 
 # ---- measured defaults -----------------------------------------------------------------------
 #
-# Keyed by device kind (device_kind()). Each says where and how it was measured; the rows are
-# `python -m torchmatgrad tune` output condensed by hand where buckets agree. Strings: one
-# character per rows bucket (≤1, ≤2, ≤4, ≤8, ≤16, ≤32, ≤64, ≤128, ≤256, ≤512, ≤1024, >1024).
+# One JSON file per device kind in policy_defaults/ (the format `tune` writes: the table, its
+# source (machine, torch, commit, date) and the measurements behind it), written by
+# `python -m torchmatgrad tune --out ...` on a machine of that kind, or by `tune --from-bench`
+# from a recorded benchmark run.
 
-DEFAULTS: dict[str, PathTable] = {}
+DEFAULTS_DIR = Path(__file__).with_name("policy_defaults")
+
+
+def _load_defaults() -> dict[str, PathTable]:
+    tables = {}
+    for path in sorted(DEFAULTS_DIR.glob("*.json")):
+        table = PathTable.from_json(json.loads(path.read_text(encoding="utf-8"))).validate()
+        tables[table.device_kind] = table
+    return tables
+
+
+DEFAULTS: dict[str, PathTable] = _load_defaults()
 
 # CUDA until the first GPU run: the hand-written few-rows kernels (which read W once) for ≤ 16
 # rows, cuBLAS above (the tiled CUDA-core GEMM cannot match tensor cores).

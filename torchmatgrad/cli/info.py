@@ -144,7 +144,7 @@ def policy_text(table: policy.PathTable) -> str:
                 )
                 lines.append(f"    {op:10s} {dt:8s} {runs}")
     if table.measurements:
-        lines.append("  measured (rows: kernel ms / vendor ms, the faster first-marked):")
+        lines.append("  measured (rows: kernel ms / vendor ms, then the choice):")
         groups: dict[tuple[str, str, int, int], list[str]] = {}
         for p in table.measurements:
             key = (p["op"], p["dtype"], p["n"], p["m"])
@@ -152,7 +152,7 @@ def policy_text(table: policy.PathTable) -> str:
                 groups.setdefault(key, []).append(f"{p['rows']}: {p['inferred']} (inferred)")
                 continue
             k, v = p["kernel_ms"], p["vendor_ms"]
-            mark = "V" if v < k else "k"
+            mark = policy.choice(p).replace("v", "V")
             groups.setdefault(key, []).append(f"{p['rows']}: {k:.3g}/{v:.3g} {mark}")
         for (op, dt, n, m), cells in groups.items():
             lines.append(f"    {op:10s} {dt:8s} {n}×{m}: " + ", ".join(cells))

@@ -50,9 +50,6 @@ GRIDS = {
         "cuda": ((1024, 4096), (1, 4, 16, 64), ("float32", "bfloat16")),
     },
 }
-#: The vendor route is taken only when faster than the kernel by more than this fraction
-#: (timing noise must not flip a tie away from the kernel).
-MARGIN = 0.02
 #: After two consecutive rows where the vendor route wins by this much, larger rows are
 #: not measured (the vendor route is kept for them).
 CLEAR_WIN = 0.15
@@ -173,12 +170,6 @@ def measure(
     return out
 
 
-def _choice(point: dict) -> str:
-    if point.get("inferred"):
-        return point["inferred"][0]
-    return "v" if point["vendor_ms"] < (1 - MARGIN) * point["kernel_ms"] else "k"
-
-
 def derive_table(
     device_kind: str, source: str, measurements: list[dict], base: policy.PathTable | None = None
 ) -> policy.PathTable:
@@ -190,7 +181,7 @@ def derive_table(
     by_key: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for p in measurements:
         sb, rb = policy.size_bucket(p["n"], p["m"]), policy.rows_bucket(p["rows"])
-        by_key.setdefault((p["op"], p["dtype"]), []).append((sb, rb, _choice(p)))
+        by_key.setdefault((p["op"], p["dtype"]), []).append((sb, rb, policy.choice(p)))
     measured = {}
     for key, points in by_key.items():
         measured[key] = [
@@ -211,6 +202,43 @@ def derive_table(
     return policy.PathTable(device_kind, source, paths, measurements).validate()
 
 
+def points_from_bench(docs: list[dict]) -> list[dict]:
+    """Measured points from recorded `bench` runs: the hand-written kernel's time (a
+    torchmatgrad row on a kernel path) against the vendor route's (torch's own row, the same
+    mm/addmm). Forward rows give "forward" points; a whole step's rows stand in for the backward
+    ("fwdbwd": "backward"; "fwdbwd_acc", fused: "accumulate")."""
+    dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+    ops = {"fwd": "forward", "fwdbwd": "backward", "fwdbwd_acc": "accumulate"}
+    torch_ms, kernel_ms = {}, {}
+    for doc in docs:
+        for r in doc["rows"]:
+            if not r.get("median_ms") or r["case"] not in ops:
+                continue
+            key = (r["dtype"], r["n"], r["m"], r["B"], r["case"])
+            if r["peer"] == "torch":
+                torch_ms[key] = r["median_ms"]
+            elif r["peer"] == "torchmatgrad" and "vendor" not in r["path"]:
+                fused = r["variant"].startswith("fused")
+                if r["case"] != "fwdbwd_acc" or fused:
+                    kernel_ms[key] = r["median_ms"]
+    points = []
+    for key, k in sorted(kernel_ms.items()):
+        if key in torch_ms:
+            dt, n, m, rows, case = key
+            points.append(
+                dict(
+                    op=ops[case],
+                    dtype=dtypes[dt],
+                    n=n,
+                    m=m,
+                    rows=rows,
+                    kernel_ms=k,
+                    vendor_ms=torch_ms[key],
+                )
+            )
+    return points
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m torchmatgrad tune",
@@ -226,11 +254,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, default=0.5, help="seconds per point, at most")
     p.add_argument("--out", help="write the table here instead of the policy cache")
     p.add_argument("--no-install", action="store_true", help="do not install the result")
+    p.add_argument(
+        "--from-bench",
+        nargs="+",
+        metavar="JSON",
+        help="derive the table from recorded bench runs instead of measuring "
+        "(with --kind and --source; writes --out)",
+    )
+    p.add_argument("--kind", help="with --from-bench: the device kind the runs were made on")
+    p.add_argument("--source", help="with --from-bench: where and when the runs were made")
     return p
+
+
+def _from_bench(args) -> int:
+    if not (args.kind and args.source and args.out):
+        print("error: --from-bench needs --kind, --source and --out", file=sys.stderr)
+        return 2
+    docs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.from_bench]
+    points = points_from_bench(docs)
+    if not points:
+        print("error: no (torchmatgrad kernel, torch) row pairs in those runs", file=sys.stderr)
+        return 2
+    table = derive_table(args.kind, args.source, points, base=policy.generic_table(args.kind))
+    Path(args.out).write_text(json.dumps(table.to_json(), indent=1) + "\n", encoding="utf-8")
+    from .info import policy_text
+
+    print(policy_text(table))
+    print(f"{len(points)} points; wrote {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_bench:
+        return _from_bench(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
@@ -252,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {p['op']:10s} {p['dtype']:8s} n={p['n']:<5d} rows={p['rows']:<5d} "
             f"kernel {p['kernel_ms']:9.4f} ms  vendor {p['vendor_ms']:9.4f} ms  "
-            f"-> {'vendor' if _choice(p) == 'v' else 'kernel'} (kernel/vendor speed {ratio:.2f})",
+            f"-> {'vendor' if policy.choice(p) == 'v' else 'kernel'} "
+            f"(kernel/vendor speed {ratio:.2f})",
             flush=True,
         )
 
