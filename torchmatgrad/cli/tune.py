@@ -138,32 +138,12 @@ def measure(
         dtype = getattr(torch, dt)
         clear = 0
         for rows in rows_list:
+            point = dict(op=op, dtype=dt, n=n, m=n, rows=rows)
             if clear >= 2:
-                out.append(
-                    dict(
-                        op=op,
-                        dtype=dt,
-                        n=n,
-                        m=n,
-                        rows=rows,
-                        kernel_ms=None,
-                        vendor_ms=None,
-                        inferred="vendor",
-                    )
-                )
+                out.append(dict(point, kernel_ms=None, vendor_ms=None, inferred="vendor"))
                 continue
             k, v = time_point(op, device, dtype, n, rows, reps, max_time)
-            out.append(
-                dict(
-                    op=op,
-                    dtype=dt,
-                    n=n,
-                    m=n,
-                    rows=rows,
-                    kernel_ms=round(k, 5),
-                    vendor_ms=round(v, 5),
-                )
-            )
+            out.append(dict(point, kernel_ms=round(k, 5), vendor_ms=round(v, 5)))
             clear = clear + 1 if v < (1 - CLEAR_WIN) * k else 0
             if progress:
                 progress(out[-1])
