@@ -316,59 +316,67 @@ stage_sanitize() {
 
 # ---- main -------------------------------------------------------------------------------------
 
-if [ $# -lt 1 ] || [ "$1" = help ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-  usage
-  [ $# -ge 1 ]
-  exit $?
-fi
-if [ "$1" = list ]; then
-  printf '%s\n' "${STAGES[@]}" all
-  exit 0
-fi
-if [ "$DEVICE" != cuda ] && [ "$DEVICE" != cpu ]; then
-  echo "GPU_CHECK_DEVICE must be cuda or cpu, got '$DEVICE'" >&2
-  exit 2
-fi
-
-IFS=+ read -r -a WANT <<<"$1"
-RUN=()
-for s in "${WANT[@]}"; do
-  if [ "$s" = all ]; then
-    RUN+=("${ALL[@]}")
-  elif printf '%s\n' "${STAGES[@]}" | grep -qx -- "$s"; then
-    RUN+=("$s")
-  else
-    echo "unknown stage '$s'; stages: ${STAGES[*]} all (join with +)" >&2
+main() {
+  if [ $# -lt 1 ] || [ "$1" = help ] || [ "$1" = -h ] || [ "$1" = --help ]; then
+    usage
+    [ $# -ge 1 ]
+    exit $?
+  fi
+  if [ "$1" = list ]; then
+    printf '%s\n' "${STAGES[@]}" all
+    exit 0
+  fi
+  if [ "$DEVICE" != cuda ] && [ "$DEVICE" != cpu ]; then
+    echo "GPU_CHECK_DEVICE must be cuda or cpu, got '$DEVICE'" >&2
     exit 2
   fi
-done
 
-RESULTS="${2:-${OUT:-$ROOT/gpu_results}}"
-mkdir -p "$RESULTS" || exit 2
-RESULTS="$(cd "$RESULTS" && pwd)"
-STATUS="$RESULTS/status.txt"
-LOG="$RESULTS/gpu_check.log"
-FAILED=0
-T0=$SECONDS
+  local WANT RUN s
+  IFS=+ read -r -a WANT <<<"$1"
+  RUN=()
+  for s in "${WANT[@]}"; do
+    if [ "$s" = all ]; then
+      RUN+=("${ALL[@]}")
+    elif printf '%s\n' "${STAGES[@]}" | grep -qx -- "$s"; then
+      RUN+=("$s")
+    else
+      echo "unknown stage '$s'; stages: ${STAGES[*]} all (join with +)" >&2
+      exit 2
+    fi
+  done
 
-{
-  echo "gpu_check $(IFS=+; echo "${RUN[*]}") on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  commit="${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-  echo "commit $commit; device $DEVICE$([ "$DEVICE" = cpu ] && echo ' (cpu mode: not a GPU run)')"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null ||
-    echo "no nvidia-smi"
-} | tee -a "$STATUS" | tee -a "$LOG"
+  RESULTS="${2:-${OUT:-$ROOT/gpu_results}}"
+  mkdir -p "$RESULTS" || exit 2
+  RESULTS="$(cd "$RESULTS" && pwd)"
+  STATUS="$RESULTS/status.txt"
+  LOG="$RESULTS/gpu_check.log"
+  FAILED=0
+  T0=$SECONDS
 
-for s in "${RUN[@]}"; do
-  "stage_$s" || true
-done
+  {
+    echo "gpu_check $(IFS=+; echo "${RUN[*]}") on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    commit="${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+    echo "commit $commit; device $DEVICE$([ "$DEVICE" = cpu ] && echo ' (cpu mode: not a GPU run)')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null ||
+      echo "no nvidia-smi"
+  } | tee -a "$STATUS" | tee -a "$LOG"
 
-echo
-echo "==== steps ($((SECONDS - T0)) s in all; results in $RESULTS)"
-cat "$STATUS"
-if [ -f "$RESULTS/summary.txt" ] && printf '%s\n' "${RUN[@]}" | grep -qx bench; then
+  for s in "${RUN[@]}"; do
+    "stage_$s" || true
+  done
+
   echo
-  echo "==== benchmark (median of single calls, CUDA events; speedup = torch eager / torchmatgrad)"
-  sed '/^for benchmarks\/RESULTS.md:/,$d' "$RESULTS/summary.txt"
+  echo "==== steps ($((SECONDS - T0)) s in all; results in $RESULTS)"
+  cat "$STATUS"
+  if [ -f "$RESULTS/summary.txt" ] && printf '%s\n' "${RUN[@]}" | grep -qx bench; then
+    echo
+    echo "==== benchmark (median of single calls, CUDA events; speedup = torch eager / torchmatgrad)"
+    sed '/^for benchmarks\/RESULTS.md:/,$d' "$RESULTS/summary.txt"
+  fi
+  exit "$FAILED"
+}
+
+# Sourced (tests/test_gpu_scripts.py calls single functions), nothing runs.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
 fi
-exit "$FAILED"
