@@ -252,7 +252,8 @@ stage_compile() {
 }
 
 stage_big() {
-  step big 240 run_pytest -m cuda -k over_2_31 tests/test_cuda.py
+  # Serial: each case holds a 4.3 GB weight, its gradient and float64 slices of both.
+  TEST_WORKERS=0 step big 240 run_pytest -m cuda -k over_2_31 tests/test_cuda.py
 }
 
 # sanitize_tool TOOL: compute-sanitizer TOOL on gpu_smoke --sanitize, our kernels only.
@@ -301,7 +302,7 @@ run_sanitizer() {
   return 0
 }
 
-export PY DEVICE SAN_UNSUPPORTED
+export PY DEVICE SAN_UNSUPPORTED TEST_WORKERS
 export -f have_gpu do_build sanitize_tool pytest_args run_pytest
 
 stage_memcheck() { run_sanitizer memcheck; }
@@ -354,7 +355,7 @@ main() {
   T0=$SECONDS
 
   {
-    echo "gpu_check $(IFS=+; echo "${RUN[*]}") on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "gpu_check $(IFS=+; echo "${RUN[*]}") on ${HOSTNAME:-?} at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     commit="${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     echo "commit $commit; device $DEVICE$([ "$DEVICE" = cpu ] && echo ' (cpu mode: not a GPU run)')"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null ||

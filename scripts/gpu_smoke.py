@@ -17,8 +17,9 @@ process forced onto each path (``--paths``; the hand-written kernels and the ven
 
 Each result is compared with the float64 reference computed from the same input values, under
 torchmatgrad.testing's tolerance policy (k = terms summed; for 16-bit dtypes the peers are the
-CPU kernel's and torch's results in the same dtype). Outputs are checked for NaN (the allocator
-is poisoned first), so an unwritten element fails.
+CPU kernel's and torch's results in the same dtype, torch's on the CPU and, outside
+``--sanitize``, on the device). Outputs are checked for NaN (the allocator is poisoned first),
+so an unwritten element fails.
 
 ``--device cpu`` runs exactly the same checks on the CPU kernels, so everything but the CUDA
 kernels themselves is tried on a machine without a GPU before a GPU is spent on it.
@@ -245,6 +246,10 @@ def check_case(
         got = run_ops(dev, poison=not sanitize)
     if device != "cpu":
         torch.cuda.synchronize()
+        if case.dtype in (torch.bfloat16, torch.float16) and not sanitize:
+            # torch on the device (cuBLAS, which may reduce in 16 bits): the vendor route's peer
+            for name, r in torch_results(dev).items():
+                peers[name].append(r)
     for name, (ref, k) in refs.items():
         what = f"{device} {path:6s} {case}: {name}"
         ours = got[name]
