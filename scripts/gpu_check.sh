@@ -59,7 +59,8 @@
 #          carry=["torchmatgrad/_C.cpython-312-x86_64-linux-gnu.so", "build/gpu_check.stamp"],
 #          timeout_s=540)                        expected ~5 min (+ start-up): tests 1-2 min,
 #                                                sanitize 2-3 min, big ~1 min, compile 1-2 min
-#      The stamp matches the sources, so no build (a csrc/ change since call 1 rebuilds).
+#      The stamp matches the sources, so no build (a csrc/ change since call 1, or nothing
+#      carried, makes the build stage run first: ~70 s more).
 #      compile comes last: if the call runs out, only the torch.compile tests are lost.
 #   3. A failure fixed: rerun that one stage at once (within 30 s, on the warm machine, e.g.
 #      "SKIP_BUILD=0 bash scripts/gpu_check.sh build+smoke" or "racecheck") only while
@@ -76,11 +77,14 @@
 # under 12 s each. With 16 parallel jobs the build is bound by its longest unit: about 45 s plus
 # setup.py and the link, ~60-70 s (PERF.md: a one-.cu extension built there in 47 s).
 # Chosen: build on the device (stage build), once per fresh machine at most; later calls carry
-# the stripped extension (10.6 MB) and skip the build. Not possible: building here for the
-# device, whose python3 is 3.12 with torch 2.11.0+cu130 — `pip download torch==2.11.0` works
-# from this machine's index (the cp312 manylinux_2_28 wheel, 531 MB, CUDA 13.0.2 deps), but
-# this machine has no Python 3.12 to build a cpython-312 extension with, and an abi3
-# (limited-API) build would need setup.py's py_limited_api, which it does not set.
+# the stripped extension (10.6 MB) and skip the build. Not possible as things stand: building
+# here for the device, whose python3 is 3.12 with torch 2.11.0+cu130. `pip download
+# torch==2.11.0` works from this machine's index (the cp312 manylinux_2_28 wheel, 531 MB, with
+# CUDA 13.0.2 wheels as dependencies), but this machine has no Python 3.12 to build a
+# cpython-312 extension with. An abi3 (limited-API) extension would load there: torch's headers
+# compile with Py_LIMITED_API=0x030A0000, and ops.cpp fails only on the PyTuple_SET_ITEM macro
+# (PyTuple_SetItem is the limited-API call); with that and py_limited_api in setup.py, a build
+# against torch 2.11.0 (in a venv of its own, with its CUDA wheels, several GB) could be carried.
 #
 # Environment:
 #   GPU_CHECK_DEVICE=cpu  run the stages' Python on the CPU kernels (no build, smoke/bench/
@@ -345,6 +349,17 @@ main() {
       exit 2
     fi
   done
+
+  # A stage that needs the extension, on a GPU machine where none is built (a fresh one, nothing
+  # carried) or the sources changed since: build first, unless told not to.
+  if [ "$DEVICE" = cuda ] && [ "$DRY_RUN" != 1 ] && [ "${SKIP_BUILD:-auto}" != 1 ] &&
+    ! printf '%s\n' "${RUN[@]}" | grep -qx build && have_gpu; then
+    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+    if ! build_is_current; then
+      echo "no current CUDA build here (build/gpu_check.stamp): the build stage runs first"
+      RUN=(build "${RUN[@]}")
+    fi
+  fi
 
   RESULTS="${2:-${OUT:-$ROOT/gpu_results}}"
   mkdir -p "$RESULTS" || exit 2

@@ -369,6 +369,16 @@ def test_sanitizer_without_gpu_is_skipped(tmp_path):
     assert "should not run" not in done.stdout
 
 
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is visible")
+def test_check_cuda_stage_without_gpu_is_skipped(tmp_path):
+    """In CUDA mode with no GPU a test stage says skipped, and does not start a build."""
+    done = _sh(str(SCRIPT), "big", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    status = (tmp_path / "status.txt").read_text()
+    assert re.search(r"^big\s+skipped \(no test ran", status, re.M), status
+    assert "build" not in status.split("\n", 1)[1] and "[cpu mode]" not in status
+
+
 @pytest.mark.slow
 def test_check_cpu_mode_end_to_end(tmp_path):
     """The stages' Python through the script, on the CPU kernels: env, smoke, sweep; the CUDA
