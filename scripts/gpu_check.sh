@@ -65,6 +65,9 @@
 #   3. A failure fixed: rerun that one stage at once (within 30 s, on the warm machine, e.g.
 #      "SKIP_BUILD=0 bash scripts/gpu_check.sh build+smoke" or "racecheck") only while
 #      status's budget_left_s allows it; then give_back().
+#   In all about 11-12 minutes: two start-ups (1-2 min each), ~4 and ~5 min of stages; the
+#   estimates are from CPU measurements and PERF.md, not yet from a run: if call 1 shows the
+#   stages slower, drop compile (or sweep) from call 2 rather than run past the budget.
 #   Record the run in benchmarks/RESULTS.md (date, card, torch, commit, summary.txt's tables).
 #   The targets were set from H200 numbers: on an H100 the byte floors of the memory-bound
 #   targets lie above them (summary.txt flags each); compare ratios to torch there, and name
