@@ -1,6 +1,7 @@
 """The CUDA kernels: agreement with the CPU kernels and float64 references on every path
 (few rows / tiled GEMM, vector / scalar loads), layouts, streams, devices, determinism,
-CUDA graphs, memory use, empty and very large tensors."""
+CUDA graphs, memory use, empty and very large tensors. The hand-written kernels are forced for
+the whole module (hand_written_kernels); the other files' CUDA cells run the default policy."""
 
 from __future__ import annotations
 
@@ -10,9 +11,21 @@ import torch.nn.functional as F
 from conftest import CUDA_MARKS
 
 import torchmatgrad
+from torchmatgrad import policy
 from torchmatgrad.testing import assert_close, poison_allocator, rand
 
 pytestmark = CUDA_MARKS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def hand_written_kernels():
+    """These tests are about the hand-written kernels, and the default path policy sends calls
+    with more than 16 rows to cuBLAS: the module runs with the kernel path forced (unless the
+    process was started with TORCHMATGRAD_PATH=kernel or vendor, which is kept)."""
+    forced = policy.current_path()
+    with policy.force_path("kernel" if forced == "auto" else forced):
+        yield
+
 
 ops = torch.ops.torchmatgrad
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -216,24 +229,32 @@ def test_batched_input_shapes():
 # ---- streams, devices, determinism, graphs ------------------------------------------------
 
 
+#: GPU clock cycles of torch.cuda._sleep queued before the side stream's inputs: tens of
+#: milliseconds at Hopper clocks, far longer than queuing the ops takes.
+SLEEP_CYCLES = 100_000_000
+
+
 @pytest.mark.parametrize("rows", [1, 16, 100])
 def test_side_stream(rows):
+    """Every op runs on the current stream. On a side stream, a long sleep is queued, then the
+    inputs are written (copied over NaN-filled buffers) and the ops run: a kernel launched on
+    any other stream would read the NaNs, since the side stream is still asleep when it runs."""
     n, m = 256, 512
-    x, w, g = rand(rows, m, device="cuda"), rand(n, m, device="cuda"), rand(rows, n, device="cuda")
-    gw0 = rand(n, m, device="cuda")
-    expected = run_all(g, x, w, None, gw0)
+    dev = [rand(*s, device="cuda") for s in ((rows, n), (rows, m), (n, m), (n, m))]  # g x w gw0
+    expected = run_all(dev[0], dev[1], dev[2], None, dev[3])  # default stream
+    bufs = [torch.full_like(t, float("nan")) for t in dev]
     torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        # A long matmul queued first on the same stream: results are read only after it.
-        big = torch.randn(2048, 2048, device="cuda")
-        for _ in range(4):
-            big = big @ big / 64
-        got = run_all(g, x, w, None, gw0)
-    s.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        for buf, t in zip(bufs, dev, strict=True):
+            buf.copy_(t)  # the inputs exist only once the sleep is over
+        got = run_all(bufs[0], bufs[1], bufs[2], None, bufs[3])
+        still_asleep = not side.query()
+    side.synchronize()
+    assert still_asleep, "the sleep ended before the ops were queued: nothing was tested"
     for e, o in zip(expected, got, strict=True):
-        torch.testing.assert_close(o, e, rtol=0, atol=0)
+        torch.testing.assert_close(o, e, rtol=0, atol=0)  # same kernels: bitwise equal
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
