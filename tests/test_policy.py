@@ -259,6 +259,10 @@ def test_derive_table_generalises_from_measured_points():
         table.paths[("forward", "bfloat16")]
         == policy.generic_table("x").paths[("forward", "bfloat16")]
     )
+    # A lone choice between two opposite ones along the rows is noise: smoothed away.
+    lone = [dict(pts[0], rows=r, vendor_ms=v) for r, v in ((1, 2.0), (2, 0.5), (4, 2.0))]
+    smoothed = tune.derive_table("test", "unit", lone)
+    assert smoothed.path("forward", "float32", 256, 256, 2) == "kernel"
     # A tie (within the margin) stays on the kernel.
     tie = [dict(pts[0], kernel_ms=1.0, vendor_ms=0.99)]
     assert (
@@ -282,10 +286,9 @@ def test_measured_defaults_are_valid_and_say_where_they_come_from():
         assert table.device_kind == kind and table.validate() is table
         assert table.measurements, kind  # every default keeps the numbers it came from
         assert "torch" in table.source and "20" in table.source, table.source  # torch, date
-        for p in table.measurements:  # and agrees with them where it was measured
-            if p.get("inferred"):
-                continue
-            want = "vendor" if policy.choice(p) == "v" else "kernel"
+        # and agrees with them where it was measured (after tune's smoothing)
+        for p, c in zip(table.measurements, tune._smoothed(table.measurements), strict=True):
+            want = "vendor" if c == "v" else "kernel"
             assert table.path(p["op"], p["dtype"], p["n"], p["m"], p["rows"]) == want, (kind, p)
 
 

@@ -88,9 +88,14 @@ at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Chunks of work below this many multiply-adds are not worth a thread: 2^18 is ~10-20 µs on one
-// core, about what waking a second thread costs, so a small layer (256², 8 rows) runs inline.
+// What a chunk of work must hold to be worth a thread (waking one costs ~5-20 µs). Compute-bound
+// kernels (rows of x in the lanes, grad_W for many rows): 2^18 multiply-adds, ~10-20 µs on one
+// core, so a small layer (256², 8 rows) runs inline. Memory-bound kernels (≤ kCpuDotRows rows
+// forward, ≤ kFewRows rows backward): 2^15 elements of W, 128 KiB of float32, since a second
+// core doubles the bandwidth that bounds them (256², 1 row: 40 µs on one thread, 30 µs with
+// MKL's two).
 constexpr int64_t kMinWorkPerThread = 1 << 18;
+constexpr int64_t kMinWeightPerThread = 1 << 15;
 
 // C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]), A widened, all row-major.
 // Up to kCpuDotRows rows of A (memory-bound): dot products over K, tiles of kDotTileQ rows of B
@@ -108,8 +113,7 @@ void gemm_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int6
     TORCH_INTERNAL_ASSERT(ldbk == 1, "the dot-product path reads B rows contiguously");
     constexpr int64_t tq = kDotTileQ;
     const int64_t nq = (Q + tq - 1) / tq;
-    const int64_t grain =
-        std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, P * tq * K));
+    const int64_t grain = std::max<int64_t>(1, kMinWeightPerThread / std::max<int64_t>(1, tq * K));
     auto fn = kernels<T, O>().gemm_nt_tile;
     at::parallel_for(0, nq, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
@@ -173,7 +177,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     auto x = x2d.to(acc_opts).contiguous();
     const int64_t groups = (n + 3) / 4;
     const int64_t nchunks = std::max<int64_t>(
-        1, std::min<int64_t>({at::get_num_threads(), groups, (R * n * m) / kMinWorkPerThread}));
+        1, std::min<int64_t>({at::get_num_threads(), groups, (n * m) / kMinWeightPerThread}));
     at::Tensor partial;
     if (gi.defined()) partial = at::zeros({nchunks, R, m}, acc_opts);
     auto fn = kernels<T, O>().backward_rows;

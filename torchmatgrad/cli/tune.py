@@ -151,18 +151,35 @@ def measure(
     return out
 
 
+def _smoothed(measurements: list[dict]) -> list[str]:
+    """The choice at each point, with a lone choice between two opposite ones along the rows of
+    the same (op, dtype, size) flipped to its neighbours' (a median of three): near a crossover
+    the two paths are within noise of each other, and the table should not alternate."""
+    choices = [policy.choice(p) for p in measurements]
+    series: dict[tuple, list[int]] = {}
+    for i, p in enumerate(measurements):
+        series.setdefault((p["op"], p["dtype"], p["n"], p["m"]), []).append(i)
+    out = list(choices)
+    for idx in series.values():
+        idx.sort(key=lambda i: measurements[i]["rows"])
+        for a, b, c in zip(idx, idx[1:], idx[2:], strict=False):
+            if choices[a] == choices[c] != choices[b]:
+                out[b] = choices[a]
+    return out
+
+
 def derive_table(
     device_kind: str, source: str, measurements: list[dict], base: policy.PathTable | None = None
 ) -> policy.PathTable:
     """The full table from measured points: every (op, dtype, size bucket, rows bucket) takes
-    the choice of the nearest measured point of that op and dtype in (size bucket, rows bucket)
-    space (ties go to the kernel). A dtype not measured copies its measured sibling (float64
-    from float32, float16 from bfloat16), else keeps ``base`` (the measured default or generic
-    rule for this kind of device)."""
+    the (smoothed) choice of the nearest measured point of that op and dtype in (size bucket,
+    rows bucket) space (ties go to the kernel). A dtype not measured copies its measured
+    sibling (float64 from float32, float16 from bfloat16), else keeps ``base`` (the measured
+    default or generic rule for this kind of device)."""
     by_key: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
-    for p in measurements:
+    for p, c in zip(measurements, _smoothed(measurements), strict=True):
         sb, rb = policy.size_bucket(p["n"], p["m"]), policy.rows_bucket(p["rows"])
-        by_key.setdefault((p["op"], p["dtype"]), []).append((sb, rb, policy.choice(p)))
+        by_key.setdefault((p["op"], p["dtype"]), []).append((sb, rb, c))
     measured = {}
     for key, points in by_key.items():
         measured[key] = [
