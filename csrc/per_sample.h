@@ -25,7 +25,7 @@ enum class NormMethod { kGhost, kDirect };
 // "ghost": ⟨G_i·G_iᵀ, X_i·X_iᵀ⟩_F from the two T×T Gram matrices, T(T+1)/2·(n + m) multiply-adds
 // per sample (each Gram is symmetric). "direct": the squares of G_iᵀ·X_i summed tile by tile in
 // registers, T·n·m multiply-adds. Ghost wins unless T is large against n·m/(n + m): for
-// n = 768, m = 3072 up to T = 1228. Both store nothing of size T² or n·m.
+// n = 768, m = 3072 up to T = 1227. Both store nothing of size T² or n·m.
 inline NormMethod cheaper_norm_method(int64_t rows_per_sample, int64_t n, int64_t m) {
   return (rows_per_sample + 1) * (n + m) <= 2 * n * m ? NormMethod::kGhost : NormMethod::kDirect;
 }

@@ -2,6 +2,7 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <torch/version.h>
 
@@ -50,6 +51,20 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_vendor(
   if (output_mask[0]) gi = at::mm(g, weight).view(input.sizes());
   if (output_mask[1]) gb = g.sum(0);
   return {gi, gb};
+}
+
+void clipped_grad_weight_vendor(const at::Tensor& g2d, const at::Tensor& x2d,
+                                const at::Tensor& scale, int64_t rows_per_sample,
+                                const at::Tensor& grad_weight) {
+  const int64_t R = g2d.size(0), n = g2d.size(1);
+  // float32 (float64) scale times G promotes to the accumulation dtype.
+  const auto gs = at::mul(g2d.reshape({scale.size(0), rows_per_sample, n}), scale.view({-1, 1, 1}))
+                      .view({R, n});
+  auto out = grad_weight;  // addmm_ writes through this handle into the caller's buffer
+  if (grad_weight.scalar_type() == g2d.scalar_type())
+    out.addmm_(gs.to(g2d.scalar_type()).t(), x2d);
+  else  // float32 buffer for 16-bit operands
+    out.addmm_(gs.t(), x2d.to(grad_weight.scalar_type()));
 }
 
 }  // namespace torchmatgrad

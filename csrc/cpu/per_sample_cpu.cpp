@@ -11,7 +11,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -22,6 +21,7 @@
 
 #include "../per_sample.h"
 #include "../policy.h"
+#include "../vendor.h"
 #include "kernel_table.h"
 
 namespace torchmatgrad {
@@ -117,6 +117,9 @@ constexpr int64_t kColTilesPerTask = 4;
 // partial sums are added into it between passes; a 16-bit output takes all rows in one pass so
 // it is rounded once).
 constexpr int64_t kRowsPerPass = 128;
+// Chunks per sample of the norm kernels (fixed, so the order of the sums does not depend on the
+// number of threads): enough for a small batch to keep a few cores busy.
+constexpr int64_t kNormChunks = 4;
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
@@ -205,7 +208,7 @@ void norms_into(const at::Tensor& g2d, const at::Tensor& x2d, int64_t B, bool bi
       g = rows_in_acc<T>(g2d, acc_opts);
       x = rows_in_acc<T>(x2d, acc_opts);
       const int64_t gb = cpu::per_sample_table().ghost_block, nb = (T_ + gb - 1) / gb;
-      chunks = std::min<int64_t>(nb, std::max<int64_t>(1, at::get_num_threads()));
+      chunks = std::min<int64_t>(nb, kNormChunks);
       // Row block b pairs with the nb - b blocks from b on: cut each sample's blocks into
       // chunks of about equal numbers of pairs, spread over threads with the samples.
       std::vector<int64_t> cut(chunks + 1, nb);
@@ -228,8 +231,7 @@ void norms_into(const at::Tensor& g2d, const at::Tensor& x2d, int64_t B, bool bi
     } else {
       std::tie(gp, xp) = pack_operands<T>(g2d, x2d, T_, at::Tensor(), acc_opts);
       const int64_t panels = gp.size(0);
-      chunks = std::min<int64_t>((panels + kPanelsPerTask - 1) / kPanelsPerTask,
-                                 std::max<int64_t>(1, at::get_num_threads()));
+      chunks = std::min<int64_t>((panels + kPanelsPerTask - 1) / kPanelsPerTask, kNormChunks);
       partial.assign(B * chunks, 0.0);
       auto fn = k.outer_sq;
       const int64_t work = T_ * n * m / chunks;
@@ -304,11 +306,7 @@ void clipped_grad_accumulate_cpu(const at::Tensor& grad_output, const at::Tensor
   if (gw.defined() && m > 0) {
     if (policy::use_vendor(c10::DeviceType::CPU, input.scalar_type(), policy::kAccumulate, R, n,
                            m)) {
-      // The vendor route of the path policy (as linear_backward_accumulate_ takes it): rows of
-      // G scaled into a copy (B·T·n values), then one addmm_ into the buffer.
-      const auto gs = at::mul(g2d.reshape({input.size(0), T_, n}), s.view({-1, 1, 1}));
-      const auto xs = gw.scalar_type() == input.scalar_type() ? x2d : x2d.to(acc);
-      gw.addmm_(gs.view({R, n}).to(gw.scalar_type()).t(), xs);
+      clipped_grad_weight_vendor(g2d, x2d, s, T_, gw);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf, at::kBFloat16, input.scalar_type(), "torchmatgrad_clipped_grad_cpu", [&] {
