@@ -14,6 +14,7 @@ from . import (
     _C,  # noqa: F401  (runs the op registrations)
     distributed,  # noqa: F401  (DTensor sharding rules for tensor parallelism)
     nn,
+    opacus_support,  # noqa: F401  (Opacus samplers, registered when opacus is imported)
     per_sample,
     policy,
 )

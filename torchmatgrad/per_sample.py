@@ -357,35 +357,27 @@ def _layers(model: torch.nn.Module, loss_per_sample: Tensor) -> list[_Layer]:
         return names.get(p, f"<a tensor of shape {list(p.shape)} outside the model>")
 
     layers, owner, problems = [], {}, []
+    tied, unrecorded, outside = [], [], []
     for record, node in found:
         module = record.module
         if module not in order:
             problems.append(f"a recorded {type(module).__name__} is not part of this model")
             continue
         if record.unsupported:
-            problems.append(
-                f"{type(module).__name__} {_module_name(model, module)}: {record.unsupported}"
-            )
+            where = _module_name(model, module)
+            problems.append(f"{type(module).__name__} {where}: {record.unsupported}")
             continue
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
         layer = _Layer(record, node, order[module], params)
         for p in params:
             if p in owner:
-                problems.append(
-                    f"parameter '{name(p)}' is used by more than one layer call in this forward "
-                    "(weight tying or a module called twice): per-sample clipping needs each "
-                    "parameter used once"
-                )
+                tied.append(p)
             owner[p] = layer
         layers.append(layer)
     for p, edges in parents.items():
         layer = owner.get(p)
         if layer is None:
-            problems.append(
-                f"parameter '{name(p)}' gets a gradient but is not a parameter of a recorded "
-                "layer (a torchmatgrad.nn.Linear, or a leaf module that owns it, recorded by "
-                "per_sample.enable(model) before the forward)"
-            )
+            unrecorded.append(p)
             continue
         if isinstance(layer.record.module, Linear):
             slot = 1 if p is layer.record.module.weight else 2
@@ -394,12 +386,33 @@ def _layers(model: torch.nn.Module, loss_per_sample: Tensor) -> list[_Layer]:
             region = _region(layer.node, set(layer.record.input_nodes))
             ok = all(node in region for node, _ in edges)
         if not ok:
-            problems.append(
-                f"parameter '{name(p)}' is used outside its own layer's forward (weight tying?): "
-                "per-sample clipping needs each parameter used by one layer call"
-            )
+            outside.append(p)
+
+    def listed(ps) -> str:
+        ps = sorted(dict.fromkeys(ps), key=lambda p: rank.get(p, len(rank)))
+        return ", ".join(f"'{name(p)}'" for p in ps)
+
+    rank = {p: i for i, p in enumerate(names)}
+    if unrecorded:
+        problems.append(
+            f"parameters {listed(unrecorded)} get a gradient but belong to no recorded layer "
+            "(per_sample.enable(model) before the forward records torchmatgrad.nn.Linear and "
+            "every leaf module that owns trainable parameters; a module with submodules may not "
+            "use parameters of its own)"
+        )
+    if tied:
+        problems.append(
+            f"parameters {listed(tied)} are used by more than one layer call in this forward "
+            "(weight tying, or a module called twice): per-sample clipping needs each parameter "
+            "used by one call"
+        )
+    if outside:
+        problems.append(
+            f"parameters {listed(outside)} are used outside their own layer's forward (weight "
+            "tying?): per-sample clipping needs each parameter used by one layer call"
+        )
     if problems:
-        raise RuntimeError("per-sample gradients: " + "; ".join(dict.fromkeys(problems)))
+        raise RuntimeError("per-sample gradients: " + "; ".join(problems))
     layers.sort(key=lambda layer: layer.order)
     return layers
 
@@ -420,16 +433,16 @@ def _samples(layers: Sequence[_Layer], loss_per_sample: Tensor) -> int:
     B = loss_per_sample.shape[0]
     for layer in layers:
         x = layer.record.inputs[0]
+        if isinstance(layer.record.module, Linear) and x.dim() < 2:
+            raise RuntimeError(
+                f"Linear's input has shape {list(x.shape)}: per-sample gradients need a batch "
+                "of samples, (B, in_features) or (B, ..., in_features)"
+            )
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != B:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise RuntimeError(
                 f"{type(layer.record.module).__name__}'s input has shape {shape}: samples must "
                 f"be its dim 0, B = {B} as in loss_per_sample"
-            )
-        if isinstance(layer.record.module, Linear) and x.dim() < 2:
-            raise RuntimeError(
-                f"Linear's input has shape {list(x.shape)}: per-sample gradients need a batch "
-                "of samples, (B, in_features) or (B, ..., in_features)"
             )
     return B
 
@@ -459,9 +472,11 @@ def _linear_parts(layer: _Layer):
     return x, g, w.requires_grad, b is not None and b.requires_grad
 
 
-def _rows_sum(g: Tensor) -> Tensor:
-    """Σ over the rows of each sample: [B, ..., n] -> [B, n] (the per-sample bias gradient)."""
-    return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1, dtype=per_sample_acc_dtype(g.dtype))
+def rows_sum(g: Tensor) -> Tensor:
+    """Σ over the rows of each sample: [B, ..., n] -> [B, n] in the accumulation dtype (the
+    per-sample bias gradient)."""
+    rows = math.prod(g.shape[1:-1])
+    return g.reshape(g.shape[0], rows, g.shape[-1]).sum(1, dtype=per_sample_acc_dtype(g.dtype))
 
 
 def _other_grads(layer: _Layer) -> list[Tensor]:
@@ -504,7 +519,7 @@ def _squared_norms(layers: Sequence[_Layer], B: int, method: str) -> tuple[Tenso
             if want_w:
                 sq = _ops.per_sample_grad_norms(g, x, want_b, method)
             else:
-                sq = _rows_sum(g).square().sum(1)
+                sq = rows_sum(g).square().sum(1)
             others.append(None)
         else:
             per = _other_grads(layer)
