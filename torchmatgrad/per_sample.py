@@ -568,7 +568,7 @@ def grad_norms(
 def _drop_records(layers: Sequence[_Layer]) -> None:
     for layer in layers:
         layer.node.metadata.pop(_KEY, None)
-        layer.grad = None
+        layer.record = layer.grad = None
 
 
 def _grad_buffer(p: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
@@ -634,8 +634,9 @@ def clipped_backward(
                     _clipped_linear(layer, clip, std, generator)
                 else:
                     _clipped_other(layer, per, clip, std, generator)
-                layer.node.metadata.pop(_KEY, None)  # the layer's X may go now
-                layer.grad = None
+                # The layer's X and G may go now (the rest of the step needs less memory).
+                layer.node.metadata.pop(_KEY, None)
+                layer.record = layer.grad = None
     finally:
         _drop_records(layers)
     return norms.to(_norm_dtype(layers))
