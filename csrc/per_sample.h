@@ -106,6 +106,13 @@ inline void check_clipped_args(const at::Tensor& grad_output, const at::Tensor& 
     check_accumulation_buffer(*grad_bias, "grad_bias", {n}, input);
 }
 
+// add_gaussian_noise_: a contiguous float tensor (a gradient buffer) and a standard deviation ≥ 0.
+inline void check_noise_args(const at::Tensor& self, double std) {
+  check_float_tensor(self, "self");
+  TORCH_CHECK(self.is_contiguous(), "self must be contiguous, got strides ", self.strides());
+  TORCH_CHECK(std >= 0, "std must be >= 0, got ", std);
+}
+
 // Rows per sample: T of input [B, ..., m] (0 for an empty batch).
 inline int64_t rows_per_sample(const at::Tensor& input) {
   return input.size(0) == 0 ? 0 : batch_rows(input) / input.size(0);

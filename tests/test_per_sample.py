@@ -325,6 +325,36 @@ def test_other_leaf_modules_are_exact(device):
         assert_close(p.grad, torch.einsum("b,b...->...", clip, per[name]), k=500, what=name)
 
 
+def test_embedding_and_unconverted_linear_are_exact():
+    """Other leaf modules with parameters, integer inputs included, through torch.func."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(11, 6),
+        torchmatgrad.nn.Linear(6, 7),
+        torch.nn.Tanh(),
+        torch.nn.Linear(7, 4),  # not converted
+    ).double()
+    per_sample.enable(model)
+    idx = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(44))
+    y = rand(5, 3, 4, dtype=torch.float64, seed=45)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_i(p, xi, yi):
+        out = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return _loss(out, yi.unsqueeze(0)).sum()
+
+    per_sample.disable(model)
+    per = torch.func.vmap(torch.func.grad(loss_i), in_dims=(None, 0, 0))(params, idx, y)
+    per_sample.enable(model)
+    ref_norms = _norms(per, 5)
+    C = ref_norms.median().item()
+    got = per_sample.clipped_backward(model, _loss(model(idx), y), C)
+    assert_close(got, ref_norms, k=100, what="norms with Embedding and nn.Linear")
+    clip = (C / (ref_norms + 1e-6)).clamp(max=1.0)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, torch.einsum("b,b...->...", clip, per[name]), k=100, what=name)
+
+
 def test_frozen_parameters_and_bias_only_layers():
     model = per_sample.enable(torchmatgrad.nn.convert_linear(_mlp(True, torch.float64, "cpu")))
     model[0].weight.requires_grad_(False)  # first layer: bias only
@@ -373,6 +403,87 @@ def test_noise(device):
     gen = torch.Generator(device=device).manual_seed(1)
     per_sample.clipped_backward(model, _loss(model(x), y), C, noise_multiplier=sigma, generator=gen)
     assert_close(torch.cat([p.grad.flatten() for p in model.parameters()]), noisy.double(), k=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noise_op_statistics(dtype):
+    """add_gaussian_noise_ draws N(0, std²): moments, tails, the normal CDF (Kolmogorov-
+    Smirnov), no correlation between a pair's cosine and sine or between neighbours."""
+    n, std = 1 << 20, 1.7
+    base = rand(n, dtype=dtype, seed=46)
+    t = base.clone()
+    ops.add_gaussian_noise_(t, std, 2024)
+    z = (t.double() - base.double()) / std
+    if dtype in LOW_PRECISION:  # the sum is rounded to 16 bits: check the moments only
+        assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+        return
+    se = 1 / math.sqrt(n)
+    assert abs(z.mean().item()) < 5 * se
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2) * se
+    kurtosis = (z**4).mean().item() / z.var().item() ** 2
+    assert abs(kurtosis - 3) < 5 * math.sqrt(24) * se
+    tail = (z.abs() > 3).double().mean().item()
+    expected = math.erfc(3 / math.sqrt(2))
+    assert abs(tail - expected) < 5 * math.sqrt(expected / n)
+    assert z.abs().max().item() < 6.0  # float Box-Muller: |z| ≤ 5.9
+    s, _ = z.sort()
+    cdf = 0.5 * torch.erfc(-s / math.sqrt(2))
+    ranks = torch.arange(n + 1, dtype=torch.float64) / n
+    ks = torch.maximum((ranks[1:] - cdf).abs().max(), (cdf - ranks[:-1]).abs().max()).item()
+    assert ks < 1.95 / math.sqrt(n)  # 0.1 % level
+    blocks = z.view(-1, 16)
+    pairs = torch.corrcoef(torch.stack([blocks[:, :8].flatten(), blocks[:, 8:].flatten()]))
+    neighbours = torch.corrcoef(torch.stack([z[:-1], z[1:]]))
+    assert abs(pairs[0, 1].item()) < 5 / math.sqrt(n / 2)
+    assert abs(neighbours[0, 1].item()) < 5 * se
+
+
+def test_noise_op_is_a_function_of_seed_and_index():
+    a, b, c = torch.zeros(1000), torch.zeros(1000), torch.zeros(1000)
+    ops.add_gaussian_noise_(a, 1.0, 5)
+    ops.add_gaussian_noise_(b, 1.0, 5)
+    ops.add_gaussian_noise_(c, 1.0, 6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    part = torch.zeros(37)  # a prefix draws the same values, whatever the length
+    ops.add_gaussian_noise_(part, 1.0, 5)
+    assert torch.equal(part, a[:37])
+    threads = torch.get_num_threads()
+    big = [torch.zeros(1 << 18), torch.zeros(1 << 18)]
+    try:
+        for t, k in zip(big, (1, 2), strict=True):
+            torch.set_num_threads(k)
+            ops.add_gaussian_noise_(t, 0.5, 11)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*big)
+    empty = torch.zeros(0)
+    ops.add_gaussian_noise_(empty, 1.0, 1)
+    unchanged = rand(5, seed=47)
+    before = unchanged.clone()
+    ops.add_gaussian_noise_(unchanged, 0.0, 1)
+    assert torch.equal(unchanged, before)
+    torch.library.opcheck(ops.add_gaussian_noise_.default, (rand(9, seed=48), 0.3, 4))
+
+
+@pytest.mark.parametrize(
+    "make,std,match",
+    [
+        (lambda: torch.ones(4, dtype=torch.long), 1.0, r"self must be a floating point tensor"),
+        (lambda: rand(4, 5).t(), 1.0, r"self must be contiguous, got strides \[1, 5\]"),
+        (lambda: rand(4), -1.0, r"std must be >= 0, got -1"),
+    ],
+)
+def test_noise_op_errors(make, std, match):
+    from torchmatgrad import _compat
+
+    t = make()
+    with pytest.raises(RuntimeError, match=match) as real:
+        ops.add_gaussian_noise_(t, std, 0)
+    mode = _compat.fake_tensor_mode()
+    fake_t = mode.from_tensor(t)
+    with mode, pytest.raises(RuntimeError) as fake:
+        ops.add_gaussian_noise_(fake_t, std, 0)
+    assert str(fake.value) == str(real.value)
 
 
 def test_empty_batch_adds_noise_only():

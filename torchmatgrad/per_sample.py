@@ -46,6 +46,7 @@ from .nn import Linear
 from .ops import check_float_tensor, scalar_type_name
 
 __all__ = [
+    "add_noise_",
     "clipped_backward",
     "disable",
     "enable",
@@ -168,6 +169,15 @@ def check_clipped_args(
         check_accumulation_buffer(grad_bias, "grad_bias", [n], input)
 
 
+def check_noise_args(self: Tensor, std: float) -> None:
+    check_float_tensor(self, "self")
+    torch._check(
+        self.is_contiguous(),
+        lambda: f"self must be contiguous, got strides {list(self.stride())}",
+    )
+    torch._check(std >= 0, lambda: f"std must be >= 0, got {std:g}")  # as C++ prints it
+
+
 def check_method(method: str) -> None:
     torch._check(
         method in _METHODS,
@@ -194,6 +204,11 @@ def _clipped_fake(
     grad_bias: Tensor | None,
 ) -> None:
     check_clipped_args(grad_output, input, scale, grad_weight, grad_bias)
+
+
+@torch.library.register_fake("torchmatgrad::add_gaussian_noise_")
+def _noise_fake(self: Tensor, std: float, seed: int) -> None:
+    check_noise_args(self, std)
 
 
 @torch.library.register_fake("torchmatgrad::per_sample_grads")
@@ -574,16 +589,28 @@ def _drop_records(layers: Sequence[_Layer]) -> None:
 def _grad_buffer(p: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
     """``p.grad`` with N(0, std²) noise added, created when None, as autograd would create it."""
     if p.grad is None:
-        if std > 0:
-            p.grad = torch.empty_like(p, memory_format=torch.contiguous_format).normal_(
-                0.0, std, generator=generator
-            )
-        else:
-            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-    elif std > 0:
-        noise = torch.empty_like(p.grad).normal_(0.0, std, generator=generator)
-        p.grad.add_(noise)
+        if std > 0 and p.device.type != "cpu":
+            p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            p.grad.normal_(0.0, std, generator=generator)
+            return p.grad
+        p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    if std > 0:
+        add_noise_(p.grad, std, generator)
     return p.grad
+
+
+def add_noise_(t: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
+    """``t += N(0, std²)`` per entry, in place. On CPU by ``torchmatgrad::add_gaussian_noise_``
+    (a counter-based generator, all cores; torch's CPU ``normal_`` is one sequential generator,
+    slower than the clipping itself) seeded by one 64-bit draw from ``generator``; elsewhere by
+    ``normal_`` with ``generator``."""
+    if t.device.type == "cpu" and t.is_contiguous():
+        where = generator.device if generator is not None else "cpu"
+        seed = torch.randint(-(2**63), 2**63 - 1, (), generator=generator, device=where).item()
+        _ops.add_gaussian_noise_(t, float(std), int(seed))
+    else:
+        t.add_(torch.empty_like(t).normal_(0.0, std, generator=generator))
+    return t
 
 
 def clipped_backward(
@@ -605,7 +632,9 @@ def clipped_backward(
         loss_per_sample (Tensor[B]): loss_per_sample[i] depends on sample i alone.
         max_norm: the clipping bound C (> 0).
         noise_multiplier: σ ≥ 0; each entry of each gradient gets N(0, (σ·C)²) noise, drawn
-            parameter by parameter in ``model.parameters()`` order.
+            parameter by parameter in ``model.parameters()`` order (:func:`add_noise_`: on CPU
+            torchmatgrad's parallel generator, seeded by one draw from ``generator`` per
+            parameter; on CUDA ``normal_``).
         generator: the source of the noise (on the parameters' device); default: torch's.
         method: how the linear layers' norms are computed ("auto", "ghost", "direct").
 

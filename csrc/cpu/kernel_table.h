@@ -191,6 +191,14 @@ struct PerSampleOuter {
                      bool accumulate);
 };
 
+// Gaussian noise for DP-SGD: out[i] += std·z_i for the 16-element blocks [b0, b1) of out's n
+// elements, z_i ~ N(0, 1) a function of (seed, i) alone (splitmix64 of a counter, Box-Muller), so
+// the noise does not depend on how the work is split.
+template <typename T>
+struct PerSampleNoise {
+  void (*add_gaussian)(T* out, int64_t n, double std, uint64_t seed, int64_t b0, int64_t b1);
+};
+
 struct PerSampleTable {
   const char* isa;
   int64_t panel_rows;                    // columns of G per panel = rows of a register tile
@@ -206,6 +214,10 @@ struct PerSampleTable {
   PerSampleOuter<double, double> outer_f64;
   PerSampleOuter<float, bf16_t> outer_bf16;
   PerSampleOuter<float, f16_t> outer_f16;
+  PerSampleNoise<float> noise_f32;
+  PerSampleNoise<double> noise_f64;
+  PerSampleNoise<bf16_t> noise_bf16;
+  PerSampleNoise<f16_t> noise_f16;
 };
 
 const PerSampleTable* per_sample_table_baseline();

@@ -94,6 +94,25 @@ const cpu::PerSampleOuter<float, f16_t>& outer() {
   return cpu::per_sample_table().outer_f16;
 }
 
+template <typename T>
+const cpu::PerSampleNoise<T>& noise();
+template <>
+const cpu::PerSampleNoise<float>& noise() {
+  return cpu::per_sample_table().noise_f32;
+}
+template <>
+const cpu::PerSampleNoise<double>& noise() {
+  return cpu::per_sample_table().noise_f64;
+}
+template <>
+const cpu::PerSampleNoise<bf16_t>& noise() {
+  return cpu::per_sample_table().noise_bf16;
+}
+template <>
+const cpu::PerSampleNoise<f16_t>& noise() {
+  return cpu::per_sample_table().noise_f16;
+}
+
 template <typename A>
 int64_t tile_cols() {
   const auto& t = cpu::per_sample_table();
@@ -359,9 +378,28 @@ at::Tensor per_sample_grads_cpu(const at::Tensor& grad_output, const at::Tensor&
   return out;
 }
 
+// ---- add_gaussian_noise_ ---------------------------------------------------------------------
+
+void add_gaussian_noise_cpu(at::Tensor& self, double std, int64_t seed) {
+  check_noise_args(self, std);
+  const int64_t n = self.numel();
+  if (n == 0 || std == 0) return;
+  // Blocks of 16 values, any split (each value depends on (seed, index) alone).
+  const int64_t blocks = (n + 15) / 16;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, self.scalar_type(), "torchmatgrad_add_gaussian_noise_cpu", [&] {
+        using T = typename Storage<scalar_t>::type;
+        auto fn = noise<T>().add_gaussian;
+        at::parallel_for(0, blocks, 1 << 12, [&](int64_t b0, int64_t b1) {
+          fn(ptr<T>(self), n, std, uint64_t(seed), b0, b1);
+        });
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchmatgrad, CPU, m) {
+  m.impl("add_gaussian_noise_", &add_gaussian_noise_cpu);
   m.impl("per_sample_grad_norms", &per_sample_grad_norms_cpu);
   m.impl("clipped_grad_accumulate_", &clipped_grad_accumulate_cpu);
   m.impl("per_sample_grads", &per_sample_grads_cpu);

@@ -246,6 +246,114 @@ void ps_weighted_column_sum(const A* G, int64_t n, int64_t R, int64_t rows_per_s
   }
 }
 
+// ---- Gaussian noise ------------------------------------------------------------------------
+//
+// torch's CPU normal_ draws from one sequential Mersenne Twister (~10-17 ns a value here): for
+// DP-SGD's noise over every parameter that costs more than the clipping. This generator is
+// counter-based instead: pair p of Gaussians comes from h = splitmix64(seed + (p + 1)·γ) (the
+// SplitMix64 generator's own output for the p-th step, which passes BigCrush), its top 24 bits
+// giving u₁ ∈ (0, 1) and its low 24 bits the angle's turn v ∈ [-1/2, 1/2): Box-Muller,
+// z = √(-2 ln u₁)·(cos 2πv, sin 2πv). Any element can be computed alone, so threads split the
+// work freely. Eight pairs fill a block of 16 values (cosines first, then sines) on every ISA;
+// the arithmetic is the same everywhere (only FMA contraction may round differently). Float
+// math: |z| ≤ √(2·25·ln 2) = 5.9 (torch's float sampler stops at 5.8), and the log, sine and
+// cosine are Cephes' float polynomials (error about 1e-7).
+
+typedef float ps_f32x8 __attribute__((vector_size(32)));
+typedef int32_t ps_i32x8 __attribute__((vector_size(32)));
+typedef uint64_t ps_u64x8 __attribute__((vector_size(64)));
+
+inline ps_f32x8 ps_bits_to_float(ps_i32x8 i) {
+  ps_f32x8 f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+
+inline ps_i32x8 ps_float_to_bits(ps_f32x8 f) {
+  ps_i32x8 i;
+  std::memcpy(&i, &f, sizeof(i));
+  return i;
+}
+
+// ln x for x ∈ (0, 1] (Cephes logf: x = m·2^e, m ∈ [√½, √2), a polynomial in m - 1).
+inline ps_f32x8 ps_log(ps_f32x8 x) {
+  ps_i32x8 bits = ps_float_to_bits(x);
+  ps_f32x8 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, ps_f32x8);
+  ps_f32x8 m = ps_bits_to_float((bits & 0x807fffff) | 0x3f000000);  // [0.5, 1)
+  const ps_i32x8 small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = (small ? m + m : m) - 1.0f;
+  const ps_f32x8 z = m * m;
+  ps_f32x8 y = 7.0376836292E-2f * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+// √x for x ≥ 0: the bit-level reciprocal square root estimate and three Newton steps (relative
+// error below float rounding after the third).
+inline ps_f32x8 ps_sqrt(ps_f32x8 x) {
+  x = x > 1e-30f ? x : 1e-30f;
+  ps_f32x8 y = ps_bits_to_float(0x5f3759df - (ps_float_to_bits(x) >> 1));
+  for (int i = 0; i < 3; ++i) y = y * (1.5f - 0.5f * x * y * y);
+  return x * y;
+}
+
+// cos 2πv and sin 2πv for v ∈ [-1/2, 1/2): the nearest quarter turn q, a = 2π(v - q/4) ∈
+// [-π/4, π/4] by Cephes' float polynomials, then rotated by q quarter turns.
+inline void ps_cos_sin_turns(ps_f32x8 v, ps_f32x8& c, ps_f32x8& s) {
+  const ps_f32x8 q = (v * 4.0f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2²³)
+  const ps_f32x8 a = (v - q * 0.25f) * 6.283185307179586f;
+  const ps_f32x8 z = a * a;
+  const ps_f32x8 sa =
+      ((-1.9515295891E-4f * z + 8.3321608736E-3f) * z - 1.6666654611E-1f) * z * a + a;
+  const ps_f32x8 ca =
+      ((2.443315711809948E-5f * z - 1.388731625493765E-3f) * z + 4.166664568298827E-2f) * z * z -
+      0.5f * z + 1.0f;
+  const ps_i32x8 qm = __builtin_convertvector(q, ps_i32x8) & 3;
+  c = qm == 0 ? ca : (qm == 1 ? -sa : (qm == 2 ? -ca : sa));
+  s = qm == 0 ? sa : (qm == 1 ? ca : (qm == 2 ? -sa : -ca));
+}
+
+// The 16 standard normal values of block b: z[j] = r_j·cos θ_j, z[8 + j] = r_j·sin θ_j for the
+// pairs p = 8b + j.
+inline void ps_gaussian_block(uint64_t seed, int64_t b, float (&z)[16]) {
+  ps_u64x8 p;
+  for (int j = 0; j < 8; ++j) p[j] = uint64_t(b) * 8 + uint64_t(j) + 1;
+  ps_u64x8 h = seed + p * 0x9e3779b97f4a7c15ULL;
+  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  h = (h ^ (h >> 27)) * 0x94d049bb133111ebULL;
+  h = h ^ (h >> 31);
+  const ps_i32x8 hi = __builtin_convertvector(h >> 40, ps_i32x8);
+  const ps_i32x8 lo = __builtin_convertvector(h & 0xffffffULL, ps_i32x8);
+  const ps_f32x8 u1 = (__builtin_convertvector(hi, ps_f32x8) + 0.5f) * 5.9604644775390625e-8f;
+  const ps_f32x8 v = __builtin_convertvector(lo, ps_f32x8) * 5.9604644775390625e-8f - 0.5f;
+  const ps_f32x8 r = ps_sqrt(-2.0f * ps_log(u1));
+  ps_f32x8 c, s;
+  ps_cos_sin_turns(v, c, s);
+  const ps_f32x8 z1 = r * c, z2 = r * s;
+  std::memcpy(z, &z1, sizeof(z1));
+  std::memcpy(z + 8, &z2, sizeof(z2));
+}
+
+template <typename T>
+void ps_add_gaussian(T* out, int64_t n, double std, uint64_t seed, int64_t b0, int64_t b1) {
+  using A = acc_t<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    float z[16];
+    ps_gaussian_block(seed, b, z);
+    const int64_t i0 = b * 16;
+    const int kn = int(std::min<int64_t>(16, n - i0));
+    for (int k = 0; k < kn; ++k) out[i0 + k] = from_acc<T>(to_acc(out[i0 + k]) + A(std) * A(z[k]));
+  }
+}
+
 // ---- this unit's table ---------------------------------------------------------------------
 
 template <typename T>
@@ -278,5 +386,9 @@ inline PerSampleTable make_per_sample_table(const char* isa) {
           ps_outer_set<float, float>(),
           ps_outer_set<double, double>(),
           ps_outer_set<float, bf16_t>(),
-          ps_outer_set<float, f16_t>()};
+          ps_outer_set<float, f16_t>(),
+          {&ps_add_gaussian<float>},
+          {&ps_add_gaussian<double>},
+          {&ps_add_gaussian<bf16_t>},
+          {&ps_add_gaussian<f16_t>}};
 }

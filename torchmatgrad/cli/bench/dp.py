@@ -45,8 +45,10 @@ from .machine import _device_name, _loadavg, machine_info
 from .timing import _error_text, _Peer, _sample, _warm
 
 VARIANTS = ("non-private", "torchmatgrad", "opacus-hooks", "opacus-ghost")
-#: Defaults by device type: (blocks, B, T values).
-DEFAULTS = {"cpu": (4, 4, (16, 64)), "cuda": (12, 32, (128, 512, 1024))}
+#: Defaults by device type: (blocks, B, T values, timed steps per variant, seconds per variant).
+#: CPU: 2 blocks keep the run near two minutes on a 2-core machine (every block is alike, so
+#: the ratios do not depend on the depth); CUDA: GPT-2 small's 12.
+DEFAULTS = {"cpu": (2, 4, (16, 64), 11, 12.0), "cuda": (12, 32, (128, 512, 1024), 20, 5.0)}
 MAX_NORM = 1.0
 NOISE = 1.0
 
@@ -308,9 +310,15 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 def main(args) -> int:
     """Run the DP benchmark for ``args`` (the bench command's options: --device, --B, --T,
     --blocks, --d, --reps, --warmup, --max-time, --out, --name, --seed, --threads)."""
+    with warnings.catch_warnings():
+        # Opacus's hooks on the first layer, whose input needs no gradient: expected, not news.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return _main(args)
+
+
+def _main(args) -> int:
     devices = [torch.device(s) for s in (args.device or ["cpu"])]
-    # Opacus's hooks on the first layer, whose input needs no gradient: expected, not news.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     meta = machine_info(devices)
@@ -318,16 +326,17 @@ def main(args) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             print("error: CUDA requested but torch.cuda.is_available() is False", file=sys.stderr)
             return 2
-        blocks, B0, T0 = DEFAULTS[device.type]
+        blocks, B0, T0, reps0, time0 = DEFAULTS[device.type]
         blocks = args.blocks or blocks
         Bs = args.B or [B0]
         Ts = args.T or list(T0)
-        reps = args.reps or (7 if device.type == "cpu" else 20)
+        reps = args.reps or reps0
         warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 3)
-        max_time = args.max_time if args.max_time is not None else 5.0
+        max_time = args.max_time if args.max_time is not None else time0
         print(
             f"{device}: {_device_name(device)}; {blocks} blocks, d = {args.d}, "
-            f"{torch.get_num_threads()} threads; load average {_loadavg()}"
+            f"{torch.get_num_threads()} threads, path policy {torchmatgrad.policy.current_path()}; "
+            f"load average {_loadavg()}"
         )
         for B in Bs:
             for T in Ts:
@@ -342,7 +351,12 @@ def main(args) -> int:
         "schema": "torchmatgrad-bench-dp/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 2),
-        "settings": {"max_norm": MAX_NORM, "noise_multiplier": NOISE, "d": args.d},
+        "settings": {
+            "max_norm": MAX_NORM,
+            "noise_multiplier": NOISE,
+            "d": args.d,
+            "path": torchmatgrad.policy.current_path(),
+        },
         "notes": "median of single steps, variants interleaved; peak: bytes held by torch's "
         "allocator during one step, parameters and inputs included (CPU: profiler allocation "
         "events; CUDA: max_memory_allocated); Δgrad: max |grad - torchmatgrad's| / max |grad| "
