@@ -24,9 +24,10 @@
 //     scale [B] in the accumulation dtype; buffers may be float32 for 16-bit inputs.
 // per_sample_grads(grad_output, input) -> [B, n, m]: G_iᵀ·X_i for every sample.
 // _per_sample_method(rows_per_sample, n, m) -> "ghost" or "direct": what "auto" picks.
-// add_gaussian_noise_(self!, std, seed) -> ()   (CPU)
-//     self += std·z, z ~ N(0, 1) per element, a function of (seed, index) alone: DP-SGD's noise
-//     drawn in parallel (torch's CPU normal_ is one sequential generator).
+// add_gaussian_noise_(self!, std, seed, accumulate=True) -> ()   (CPU)
+//     self += std·z (self = std·z when not accumulate), z ~ N(0, 1) per element, a function of
+//     (seed, index) alone: DP-SGD's noise drawn in parallel (torch's CPU normal_ is one
+//     sequential generator).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -99,7 +100,7 @@ TORCH_LIBRARY(torchmatgrad, m) {
       "clipped_grad_accumulate_(Tensor grad_output, Tensor input, Tensor scale, "
       "Tensor(a!)? grad_weight, Tensor(b!)? grad_bias) -> ()");
   m.def("per_sample_grads(Tensor grad_output, Tensor input) -> Tensor");
-  m.def("add_gaussian_noise_(Tensor(a!) self, float std, int seed) -> ()");
+  m.def("add_gaussian_noise_(Tensor(a!) self, float std, int seed, bool accumulate=True) -> ()");
   m.def("_per_sample_method(int rows_per_sample, int n, int m) -> str",
         [](int64_t rows, int64_t n, int64_t m) -> std::string {
           return torchmatgrad::norm_method_name(torchmatgrad::cheaper_norm_method(rows, n, m));

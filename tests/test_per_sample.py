@@ -444,6 +444,9 @@ def test_noise_op_is_a_function_of_seed_and_index():
     ops.add_gaussian_noise_(b, 1.0, 5)
     ops.add_gaussian_noise_(c, 1.0, 6)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    fresh = torch.full((1000,), float("nan"))  # not accumulating: the buffer is only written
+    ops.add_gaussian_noise_(fresh, 1.0, 5, False)
+    assert torch.equal(fresh, a)
     part = torch.zeros(37)  # a prefix draws the same values, whatever the length
     ops.add_gaussian_noise_(part, 1.0, 5)
     assert torch.equal(part, a[:37])

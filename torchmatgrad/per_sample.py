@@ -207,7 +207,7 @@ def _clipped_fake(
 
 
 @torch.library.register_fake("torchmatgrad::add_gaussian_noise_")
-def _noise_fake(self: Tensor, std: float, seed: int) -> None:
+def _noise_fake(self: Tensor, std: float, seed: int, accumulate: bool = True) -> None:
     check_noise_args(self, std)
 
 
@@ -589,27 +589,30 @@ def _drop_records(layers: Sequence[_Layer]) -> None:
 def _grad_buffer(p: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
     """``p.grad`` with N(0, std²) noise added, created when None, as autograd would create it."""
     if p.grad is None:
-        if std > 0 and p.device.type != "cpu":
+        if std > 0:  # a fresh buffer holding just the noise: no zero fill first
             p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-            p.grad.normal_(0.0, std, generator=generator)
-            return p.grad
+            return add_noise_(p.grad, std, generator, accumulate=False)
         p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-    if std > 0:
+    elif std > 0:
         add_noise_(p.grad, std, generator)
     return p.grad
 
 
-def add_noise_(t: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
-    """``t += N(0, std²)`` per entry, in place. On CPU by ``torchmatgrad::add_gaussian_noise_``
-    (a counter-based generator, all cores; torch's CPU ``normal_`` is one sequential generator,
-    slower than the clipping itself) seeded by one 64-bit draw from ``generator``; elsewhere by
-    ``normal_`` with ``generator``."""
+def add_noise_(
+    t: Tensor, std: float, generator: torch.Generator | None = None, *, accumulate: bool = True
+) -> Tensor:
+    """``t += N(0, std²)`` per entry in place (``t = ...`` when not ``accumulate``). On CPU by
+    ``torchmatgrad::add_gaussian_noise_`` (a counter-based generator on all cores; torch's CPU
+    ``normal_`` is one sequential generator, slower than the clipping itself) seeded by one
+    64-bit draw from ``generator``; elsewhere by ``normal_`` with ``generator``."""
     if t.device.type == "cpu" and t.is_contiguous():
         where = generator.device if generator is not None else "cpu"
         seed = torch.randint(-(2**63), 2**63 - 1, (), generator=generator, device=where).item()
-        _ops.add_gaussian_noise_(t, float(std), int(seed))
-    else:
+        _ops.add_gaussian_noise_(t, float(std), int(seed), accumulate)
+    elif accumulate:
         t.add_(torch.empty_like(t).normal_(0.0, std, generator=generator))
+    else:
+        t.normal_(0.0, std, generator=generator)
     return t
 
 

@@ -191,12 +191,13 @@ struct PerSampleOuter {
                      bool accumulate);
 };
 
-// Gaussian noise for DP-SGD: out[i] += std·z_i for the 16-element blocks [b0, b1) of out's n
+// Gaussian noise for DP-SGD: out[i] (+)= std·z_i for the 16-element blocks [b0, b1) of out's n
 // elements, z_i ~ N(0, 1) a function of (seed, i) alone (splitmix64 of a counter, Box-Muller), so
-// the noise does not depend on how the work is split.
+// the noise does not depend on how the work is split. accumulate = false: out is only written.
 template <typename T>
 struct PerSampleNoise {
-  void (*add_gaussian)(T* out, int64_t n, double std, uint64_t seed, int64_t b0, int64_t b1);
+  void (*add_gaussian)(T* out, int64_t n, double std, uint64_t seed, bool accumulate, int64_t b0,
+                       int64_t b1);
 };
 
 struct PerSampleTable {

@@ -343,14 +343,18 @@ inline void ps_gaussian_block(uint64_t seed, int64_t b, float (&z)[16]) {
 }
 
 template <typename T>
-void ps_add_gaussian(T* out, int64_t n, double std, uint64_t seed, int64_t b0, int64_t b1) {
+void ps_add_gaussian(T* out, int64_t n, double std, uint64_t seed, bool accumulate, int64_t b0,
+                     int64_t b1) {
   using A = acc_t<T>;
   for (int64_t b = b0; b < b1; ++b) {
     float z[16];
     ps_gaussian_block(seed, b, z);
     const int64_t i0 = b * 16;
     const int kn = int(std::min<int64_t>(16, n - i0));
-    for (int k = 0; k < kn; ++k) out[i0 + k] = from_acc<T>(to_acc(out[i0 + k]) + A(std) * A(z[k]));
+    for (int k = 0; k < kn; ++k) {
+      const A v = A(std) * A(z[k]);
+      out[i0 + k] = from_acc<T>(accumulate ? to_acc(out[i0 + k]) + v : v);
+    }
   }
 }
 
