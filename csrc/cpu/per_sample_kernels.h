@@ -259,6 +259,11 @@ void ps_weighted_column_sum(const A* G, int64_t n, int64_t R, int64_t rows_per_s
 // math: |z| ≤ √(2·25·ln 2) = 5.9 (torch's float sampler stops at 5.8), and the log, sine and
 // cosine are Cephes' float polynomials (error about 1e-7).
 
+// Four blocks at a time, stage by stage: one block's arithmetic is a long chain of dependent
+// operations (the hash's 64-bit products, the log polynomial, Newton steps), so the stages of
+// independent blocks are interleaved to keep the vector units busy.
+constexpr int kNoiseBlocks = 4;
+
 typedef float ps_f32x8 __attribute__((vector_size(32)));
 typedef int32_t ps_i32x8 __attribute__((vector_size(32)));
 typedef uint64_t ps_u64x8 __attribute__((vector_size(64)));
@@ -321,39 +326,47 @@ inline void ps_cos_sin_turns(ps_f32x8 v, ps_f32x8& c, ps_f32x8& s) {
   s = qm == 0 ? sa : (qm == 1 ? ca : (qm == 2 ? -sa : -ca));
 }
 
-// The 16 standard normal values of block b: z[j] = r_j·cos θ_j, z[8 + j] = r_j·sin θ_j for the
-// pairs p = 8b + j.
-inline void ps_gaussian_block(uint64_t seed, int64_t b, float (&z)[16]) {
-  ps_u64x8 p;
-  for (int j = 0; j < 8; ++j) p[j] = uint64_t(b) * 8 + uint64_t(j) + 1;
-  ps_u64x8 h = seed + p * 0x9e3779b97f4a7c15ULL;
-  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  h = (h ^ (h >> 27)) * 0x94d049bb133111ebULL;
-  h = h ^ (h >> 31);
-  const ps_i32x8 hi = __builtin_convertvector(h >> 40, ps_i32x8);
-  const ps_i32x8 lo = __builtin_convertvector(h & 0xffffffULL, ps_i32x8);
-  const ps_f32x8 u1 = (__builtin_convertvector(hi, ps_f32x8) + 0.5f) * 5.9604644775390625e-8f;
-  const ps_f32x8 v = __builtin_convertvector(lo, ps_f32x8) * 5.9604644775390625e-8f - 0.5f;
-  const ps_f32x8 r = ps_sqrt(-2.0f * ps_log(u1));
-  ps_f32x8 c, s;
-  ps_cos_sin_turns(v, c, s);
-  const ps_f32x8 z1 = r * c, z2 = r * s;
-  std::memcpy(z, &z1, sizeof(z1));
-  std::memcpy(z + 8, &z2, sizeof(z2));
+// Blocks b .. b + kNoiseBlocks - 1: z[k][j] = r·cos θ and z[k][8 + j] = r·sin θ of pair
+// p = 8(b + k) + j.
+inline void ps_gaussian_blocks(uint64_t seed, int64_t b, float (&z)[kNoiseBlocks][16]) {
+  constexpr int K = kNoiseBlocks;
+  ps_f32x8 u1[K], v[K], r[K], c[K], s[K];
+  for (int k = 0; k < K; ++k) {
+    ps_u64x8 h;
+    for (int j = 0; j < 8; ++j) h[j] = (uint64_t(b + k) * 8 + uint64_t(j) + 1);
+    h = seed + h * 0x9e3779b97f4a7c15ULL;
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebULL;
+    h = h ^ (h >> 31);
+    const ps_i32x8 hi = __builtin_convertvector(h >> 40, ps_i32x8);
+    const ps_i32x8 lo = __builtin_convertvector(h & 0xffffffULL, ps_i32x8);
+    u1[k] = (__builtin_convertvector(hi, ps_f32x8) + 0.5f) * 5.9604644775390625e-8f;
+    v[k] = __builtin_convertvector(lo, ps_f32x8) * 5.9604644775390625e-8f - 0.5f;
+  }
+  for (int k = 0; k < K; ++k) r[k] = -2.0f * ps_log(u1[k]);
+  for (int k = 0; k < K; ++k) r[k] = ps_sqrt(r[k]);
+  for (int k = 0; k < K; ++k) ps_cos_sin_turns(v[k], c[k], s[k]);
+  for (int k = 0; k < K; ++k) {
+    const ps_f32x8 z1 = r[k] * c[k], z2 = r[k] * s[k];
+    std::memcpy(z[k], &z1, sizeof(z1));
+    std::memcpy(z[k] + 8, &z2, sizeof(z2));
+  }
 }
 
 template <typename T>
 void ps_add_gaussian(T* out, int64_t n, double std, uint64_t seed, bool accumulate, int64_t b0,
                      int64_t b1) {
   using A = acc_t<T>;
-  for (int64_t b = b0; b < b1; ++b) {
-    float z[16];
-    ps_gaussian_block(seed, b, z);
-    const int64_t i0 = b * 16;
-    const int kn = int(std::min<int64_t>(16, n - i0));
-    for (int k = 0; k < kn; ++k) {
-      const A v = A(std) * A(z[k]);
-      out[i0 + k] = from_acc<T>(accumulate ? to_acc(out[i0 + k]) + v : v);
+  for (int64_t b = b0; b < b1; b += kNoiseBlocks) {
+    float z[kNoiseBlocks][16];
+    ps_gaussian_blocks(seed, b, z);
+    for (int k = 0; k < kNoiseBlocks && b + k < b1; ++k) {
+      const int64_t i0 = (b + k) * 16;
+      const int kn = int(std::min<int64_t>(16, n - i0));
+      for (int j = 0; j < kn; ++j) {
+        const A v = A(std) * A(z[k][j]);
+        out[i0 + j] = from_acc<T>(accumulate ? to_acc(out[i0 + j]) + v : v);
+      }
     }
   }
 }

@@ -15,7 +15,11 @@ inputs, same weights, each on its own copy of the model:
   two backward passes) and its optimizer's noise.
 
 The optimizer's update itself is left out of every variant (it is the same for all). Time: the
-median of single steps, variants interleaved step by step. Memory: the peak of the bytes held by
+median of single steps, taken in rounds: each round runs every variant for STEPS_PER_TURN
+consecutive steps and times all but the first (a variant's step right after another variant's
+finds the allocator's memory returned to the system: on the 2-core VM, interleaving step by step
+with Opacus's B·n·m-sized buffers made every variant 4-5 times slower than in a training loop).
+Memory: the peak of the bytes held by
 torch's allocator during one step (the parameters, inputs and targets included; on CPU from the
 profiler's allocation events, on CUDA ``max_memory_allocated``). A check step with noise 0
 compares the three DP gradients (they must agree to rounding). Opacus variants are skipped when
@@ -42,15 +46,16 @@ import torchmatgrad
 from torchmatgrad import per_sample
 
 from .machine import _device_name, _loadavg, machine_info
-from .timing import _error_text, _Peer, _sample, _warm
+from .timing import _error_text, _Peer, _sync, _warm
 
 VARIANTS = ("non-private", "torchmatgrad", "opacus-hooks", "opacus-ghost")
-#: Defaults by device type: (blocks, B, T values, timed steps per variant, seconds per variant).
-#: CPU: 2 blocks keep the run near two minutes on a 2-core machine (every block is alike, so
-#: the ratios do not depend on the depth); CUDA: GPT-2 small's 12.
-DEFAULTS = {"cpu": (2, 4, (16, 64), 11, 12.0), "cuda": (12, 32, (128, 512, 1024), 20, 5.0)}
+#: Defaults by device type: (blocks, B, T values, rounds, seconds per variant). CPU: 2 blocks
+#: keep the run near two minutes on a 2-core machine (every block is alike, so the ratios do
+#: not depend on the depth); CUDA: GPT-2 small's 12.
+DEFAULTS = {"cpu": (2, 4, (16, 64), 5, 10.0), "cuda": (12, 32, (128, 512, 1024), 8, 5.0)}
 MAX_NORM = 1.0
 NOISE = 1.0
+STEPS_PER_TURN = 3  # consecutive steps of one variant per round; the first is not timed
 
 
 class Block(torch.nn.Module):
@@ -226,6 +231,43 @@ def _check(steps: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _sample_turns(peers, device: torch.device, rounds: int, max_time: float) -> None:
+    """Rounds of STEPS_PER_TURN consecutive steps per live variant, all but the first timed;
+    a variant stops after ``max_time`` seconds (at least one round)."""
+    cuda = device.type == "cuda"
+    spent = dict.fromkeys((p.name for p in peers), 0.0)
+    for r in range(rounds):
+        live = [p for p in peers if p.error is None and (r == 0 or spent[p.name] < max_time)]
+        if not live:
+            break
+        for p in live:
+            for k in range(STEPS_PER_TURN):
+                try:
+                    p.pre(k)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    if cuda:
+                        e0, e1 = (
+                            torch.cuda.Event(enable_timing=True),
+                            torch.cuda.Event(enable_timing=True),
+                        )
+                        e0.record()
+                        p.call(k)
+                        e1.record()
+                        e1.synchronize()
+                        dt = e0.elapsed_time(e1) / 1e3
+                    else:
+                        p.call(k)
+                        dt = time.perf_counter() - t0
+                    spent[p.name] += time.perf_counter() - t0
+                except Exception as e:  # e.g. out of memory: report it, keep the others
+                    p.error = _error_text(e)
+                    p.samples.clear()
+                    break
+                if k > 0:
+                    p.samples.append(dt)
+
+
 def run_point(
     device: torch.device,
     blocks: int,
@@ -247,9 +289,8 @@ def run_point(
         _Peer(name, "-", "-", lambda i, c=clear: c(), lambda i, s=step: s())
         for name, (clear, step, _) in steps.items()
     ]
-    counter = itertools.count()
-    _warm(peers, device, warmup, max_time, counter)
-    _sample(peers, device, reps, max_time, counter)
+    _warm(peers, device, warmup, max_time, itertools.count())
+    _sample_turns(peers, device, reps, max_time)
     rows = []
     base_ms = base_peak = None
     for p in peers:
@@ -262,7 +303,7 @@ def run_point(
             "B": B,
             "T": T,
             "variant": p.name,
-            "reps": len(p.samples),
+            "steps_timed": len(p.samples),
             "median_ms": None,
             "peak_mb": None,
             "time_vs_nonprivate": None,
