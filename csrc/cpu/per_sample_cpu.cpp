@@ -189,26 +189,30 @@ std::pair<at::Tensor, at::Tensor> pack_operands(const at::Tensor& g2d, const at:
   return {gp, xt};
 }
 
-// C [n, m] (=|+=) Σ_{r ∈ [r0, r1)} Gp[:, r]ᵀ·Xt[:, r] over the whole of C, tiles spread over
-// threads; each task runs its rows in passes of kRowsPerPass (one pass for a 16-bit C).
+// C_i [n, m] (=|+=) Σ_r Gp[:, r]ᵀ·Xt[:, r] over rows [i·rows, (i + 1)·rows) for i < count,
+// C_i = C + i·n·m (count = 1: one product over all rows; count = B: per-sample products). The
+// tiles of all the C_i are spread over threads together; each task runs its rows in passes of
+// kRowsPerPass (one pass for a 16-bit C).
 template <typename A, typename O>
-void outer_into(const at::Tensor& gp, const at::Tensor& xt, int64_t r0, int64_t r1, O* C, int64_t n,
-                int64_t m, bool accumulate) {
+void outer_into(const at::Tensor& gp, const at::Tensor& xt, int64_t rows, int64_t count, O* C,
+                int64_t n, int64_t m, bool accumulate) {
   const int64_t R = gp.size(1), panels = gp.size(0), ctiles = xt.size(0);
   const int64_t jr = gp.size(2), tc = xt.size(2);
   const int64_t pt = (panels + kPanelsPerTask - 1) / kPanelsPerTask;
   const int64_t ct = (ctiles + kColTilesPerTask - 1) / kColTilesPerTask;
-  const int64_t pass = std::is_same_v<A, O> ? kRowsPerPass : std::max<int64_t>(1, r1 - r0);
+  const int64_t pass = std::is_same_v<A, O> ? kRowsPerPass : std::max<int64_t>(1, rows);
   auto fn = outer<A, O>().outer_tile;
-  const int64_t work = kPanelsPerTask * jr * kColTilesPerTask * tc * (r1 - r0);
-  at::parallel_for(0, pt * ct, grain_for(work), [&](int64_t t0, int64_t t1) {
+  const int64_t work = kPanelsPerTask * jr * kColTilesPerTask * tc * rows;
+  at::parallel_for(0, count * pt * ct, grain_for(work), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p0 = (t / ct) * kPanelsPerTask, c0 = (t % ct) * kColTilesPerTask;
+      const int64_t i = t / (pt * ct), tile = t % (pt * ct);
+      const int64_t p0 = (tile / ct) * kPanelsPerTask, c0 = (tile % ct) * kColTilesPerTask;
       const int64_t p1 = std::min(panels, p0 + kPanelsPerTask);
       const int64_t c1 = std::min(ctiles, c0 + kColTilesPerTask);
+      const int64_t r0 = i * rows, r1 = r0 + rows;
       for (int64_t r = r0; r < r1; r += pass)
-        fn(ptr<A>(gp), R, ptr<A>(xt), r, std::min(r1, r + pass), C, m, n, m, p0, p1, c0, c1,
-           accumulate || r > r0);
+        fn(ptr<A>(gp), R, ptr<A>(xt), r, std::min(r1, r + pass), C + i * n * m, m, n, m, p0, p1, c0,
+           c1, accumulate || r > r0);
     }
   });
 }
@@ -310,7 +314,7 @@ void clipped_weight_into(const at::Tensor& g2d, const at::Tensor& x2d, int64_t T
   const int64_t R = g2d.size(0), n = g2d.size(1), m = x2d.size(1);
   auto acc_opts = g2d.options().dtype(per_sample_acc_dtype(g2d.scalar_type()));
   auto [gp, xp] = pack_operands<T>(g2d, x2d, T_, scale, acc_opts);
-  outer_into<A, O>(gp, xp, 0, R, ptr<O>(gw), n, m, /*accumulate=*/true);
+  outer_into<A, O>(gp, xp, R, 1, ptr<O>(gw), n, m, /*accumulate=*/true);
 }
 
 void clipped_grad_accumulate_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -376,8 +380,7 @@ at::Tensor per_sample_grads_cpu(const at::Tensor& grad_output, const at::Tensor&
         using T = typename Storage<scalar_t>::type;
         using A = acc_t<T>;
         auto [gp, xp] = pack_operands<T>(g2d, x2d, T_, at::Tensor(), acc_opts);
-        for (int64_t i = 0; i < B; ++i)
-          outer_into<A, T>(gp, xp, i * T_, (i + 1) * T_, ptr<T>(out) + i * n * m, n, m, false);
+        outer_into<A, T>(gp, xp, T_, B, ptr<T>(out), n, m, /*accumulate=*/false);
       });
   return out;
 }
