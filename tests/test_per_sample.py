@@ -517,6 +517,25 @@ def test_inputs_that_are_views_and_fused_layers():
         assert_close(p.grad, per[name].sum(0), k=300, what=name)
 
 
+def test_inputs_that_require_grad_get_none():
+    """DP-SGD needs the parameters' gradients only: an input that requires grad is left alone
+    (as torch.autograd.grad leaves it), the parameters' gradients are unchanged by it."""
+    model = per_sample.enable(torchmatgrad.nn.convert_linear(_mlp(True, torch.float64, "cpu")))
+    x = rand(4, 6, dtype=torch.float64, seed=49)
+    y = rand(4, 4, dtype=torch.float64, seed=50)
+    per_sample.clipped_backward(model, _loss(model(x), y), 0.5)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_()
+    per_sample.clipped_backward(model, _loss(model(xg), y), 0.5)
+    assert xg.grad is None
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(p.grad, e)
+    outside = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"'<a parameter of shape \[4\] outside the model>'"):
+        per_sample.grad_norms(model, _loss(model(x) * outside, y))
+
+
 def test_no_state_left_behind():
     model = per_sample.enable(torchmatgrad.nn.convert_linear(_mlp(True, torch.float32, "cpu")))
     x, y = rand(4, 6, seed=42), rand(4, 4, seed=43)
@@ -698,3 +717,23 @@ def test_bench_dp_runs(tmp_path, capsys):
         if name in rows:  # the three DP steps agree (noise 0)
             assert rows[name]["grad_rel_diff_vs_torchmatgrad"] < 1e-5
     assert "torchmatgrad" in capsys.readouterr().out
+
+
+# ---- every CPU instruction set --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "isa", [isa for isa in ("baseline", "avx2", "avx512") if isa != torchmatgrad._C.cpu_isa]
+)
+def test_kernels_under_isa(isa):
+    """The per-sample kernels of the ISA units this CPU does not pick by default (tests/test_isa.py
+    does the same for the linear kernels)."""
+    from test_isa import TESTS, _run, _usable
+
+    why = _usable(isa)
+    if why is not None:
+        pytest.skip(f"this CPU cannot run the {isa} kernels: {why}")
+    pick = "norms_op or clipped_op or per_sample_grads_op or noise_op or empty or thread_count"
+    args = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not cuda", "-k", pick]
+    done = _run([*args, str(TESTS / "test_per_sample.py")], isa, 600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

@@ -369,7 +369,7 @@ def _layers(model: torch.nn.Module, loss_per_sample: Tensor) -> list[_Layer]:
                 todo.append(nxt)
 
     def name(p):
-        return names.get(p, f"<a tensor of shape {list(p.shape)} outside the model>")
+        return names.get(p, f"<a parameter of shape {list(p.shape)} outside the model>")
 
     layers, owner, problems = [], {}, []
     tied, unrecorded, outside = [], [], []
@@ -392,7 +392,10 @@ def _layers(model: torch.nn.Module, loss_per_sample: Tensor) -> list[_Layer]:
     for p, edges in parents.items():
         layer = owner.get(p)
         if layer is None:
-            unrecorded.append(p)
+            # A leaf that is not a parameter (an input that requires grad): no .grad for it, as
+            # with torch.autograd.grad; a parameter outside any recorded layer: an error.
+            if p in names or isinstance(p, torch.nn.Parameter):
+                unrecorded.append(p)
             continue
         if isinstance(layer.record.module, Linear):
             slot = 1 if p is layer.record.module.weight else 2
