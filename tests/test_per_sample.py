@@ -181,18 +181,18 @@ def test_empty(device, shape):
     assert_close(gb, before[1].double() + _bias_ref(g).sum(0), k=max(1, g.numel()))
 
 
-def test_opcheck():
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
-            x = rand(3, 2, 5, device=device, dtype=dtype, seed=24)
-            g = rand(3, 2, 4, device=device, dtype=dtype, seed=25)
-            scale = torch.rand(3, device=device, dtype=per_sample.per_sample_acc_dtype(dtype))
-            for bias, method in [(False, "ghost"), (True, "direct"), (True, "auto")]:
-                torch.library.opcheck(ops.per_sample_grad_norms.default, (g, x, bias, method))
-            torch.library.opcheck(ops.per_sample_grads.default, (g, x))
-            gw, gb = rand(4, 5, device=device, dtype=dtype), rand(4, device=device, dtype=dtype)
-            torch.library.opcheck(ops.clipped_grad_accumulate_.default, (g, x, scale, gw, gb))
-            torch.library.opcheck(ops.clipped_grad_accumulate_.default, (g, x, scale, None, gb))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(device, dtype):
+    x = rand(3, 2, 5, device=device, dtype=dtype, seed=24)
+    g = rand(3, 2, 4, device=device, dtype=dtype, seed=25)
+    scale = torch.rand(3, device=device, dtype=per_sample.per_sample_acc_dtype(dtype))
+    for bias, method in [(False, "ghost"), (True, "direct"), (True, "auto")]:
+        torch.library.opcheck(ops.per_sample_grad_norms.default, (g, x, bias, method))
+    torch.library.opcheck(ops.per_sample_grads.default, (g, x))
+    gw, gb = rand(4, 5, device=device, dtype=dtype), rand(4, device=device, dtype=dtype)
+    torch.library.opcheck(ops.clipped_grad_accumulate_.default, (g, x, scale, gw, gb))
+    torch.library.opcheck(ops.clipped_grad_accumulate_.default, (g, x, scale, None, gb))
 
 
 def test_norms_do_not_depend_on_the_thread_count():
