@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import torchmatgrad
-from torchmatgrad import per_sample
+from torchmatgrad import _compat, per_sample
 
 from .machine import _device_name, _loadavg, machine_info
 from .timing import _error_text, _Peer, _sync, _warm
@@ -176,22 +176,6 @@ def _steps(base: torch.nn.Module, x, y, noise: float, generator_seed: int) -> di
     return out
 
 
-def _cpu_peak(fn) -> int:
-    """The largest number of bytes torch's CPU allocator held at once while ``fn`` ran, above
-    what it held before: the running sum of the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    peak = total = 0
-    for e in events:
-        total += e.nbytes()
-        peak = max(peak, total)
-    return peak
-
-
 def _held_bytes(model: torch.nn.Module, *tensors: torch.Tensor) -> int:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(
@@ -200,8 +184,9 @@ def _held_bytes(model: torch.nn.Module, *tensors: torch.Tensor) -> int:
     return params + grads + sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _peak_bytes(device: torch.device, clear, step, model, x, y) -> int:
-    """Peak bytes held during one step, parameters and inputs included."""
+def _peak_bytes(device: torch.device, clear, step, model, x, y) -> int | None:
+    """Peak bytes held during one step, parameters and inputs included (None: not measurable
+    with this torch)."""
     clear()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -210,7 +195,8 @@ def _peak_bytes(device: torch.device, clear, step, model, x, y) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
     base = _held_bytes(model, x, y)
-    return base + _cpu_peak(step)
+    peak = _compat.cpu_allocation_peak(step)
+    return None if peak is None else base + peak
 
 
 def _check(steps: dict[str, Any]) -> dict[str, float]:
@@ -315,7 +301,8 @@ def run_point(
             samples = sorted(p.samples)
             row["median_ms"] = 1e3 * samples[len(samples) // 2]
             try:
-                row["peak_mb"] = _peak_bytes(device, clear, step, model, x, y) / 2**20
+                peak = _peak_bytes(device, clear, step, model, x, y)
+                row["peak_mb"] = None if peak is None else peak / 2**20
             except Exception as e:  # e.g. out of memory
                 row["error"] = _error_text(e)
         if p.name == "non-private":
