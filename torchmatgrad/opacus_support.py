@@ -43,7 +43,6 @@ __all__ = ["make_private", "register"]
 
 _ops = torch.ops.torchmatgrad
 _OPACUS = "opacus"
-_registered = False
 
 
 def _check_input(activations, backprops: Tensor) -> Tensor:
@@ -81,14 +80,12 @@ def compute_linear_norm_sample(layer: Linear, activations, backprops: Tensor) ->
 def register() -> bool:
     """Register the samplers with Opacus (imports it). Returns False when Opacus is not
     installed; registering twice is harmless."""
-    global _registered
     try:
         from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
     except ImportError:
         return False
     register_grad_sampler(Linear)(compute_linear_grad_sample)
     register_norm_sampler(Linear)(compute_linear_norm_sample)
-    _registered = True
     return True
 
 
@@ -117,7 +114,8 @@ def make_private(
         loss_reduction: "mean" (the optimizer divides by the expected batch size) or "sum".
         poisson_sampling: replace the loader by Opacus's Poisson-sampling loader (what the
             accountant assumes).
-        noise_generator: passed to the optimizer.
+        noise_generator: the optimizer's source of noise (in secure mode: the engine's own
+            cryptographically secure one, as ``PrivacyEngine.make_private`` does).
 
     Returns:
         (module, optimizer, data_loader).
@@ -141,7 +139,7 @@ def make_private(
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction=loss_reduction,
-        generator=noise_generator,
+        generator=engine.secure_rng if engine.secure_mode else noise_generator,
         secure_mode=engine.secure_mode,
     )
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small grid, few reps (< 1 min on CPU)")
     p.add_argument("--compile", action="store_true", help="add torch.compile peers")
     p.add_argument(
-        "--reps", type=int, help="timed calls per peer (default CPU/CUDA 30/100; --quick 40/30)"
+        "--reps",
+        type=int,
+        help="timed calls per peer (default CPU/CUDA 30/100; --quick 40/30); dp: rounds of 3 "
+        "steps per variant (default CPU/CUDA 5/8)",
     )
     p.add_argument(
         "--warmup", type=int, help="untimed calls per peer first (default 3/10; --quick 2/5)"
