@@ -12,11 +12,28 @@
 //     -> (grad_input, grad_bias)
 //     Like linear_backward, but grad_weight += Gᵀ·X in place (no temporary); grad_weight may be
 //     float32 for a 16-bit weight (fp32 master gradient). output_mask covers (input, bias).
+//
+// Per-sample gradients (csrc/per_sample.h; samples are dim 0: input [B, ..., m], grad_output
+// [B, ..., n], T rows per sample, sample i's weight gradient G_iᵀ·X_i):
+// per_sample_grad_norms(grad_output, input, bias, method="auto") -> sq_norms [B]
+//     ‖G_iᵀ·X_i‖²_F (+ ‖Σ_t g_t‖² when bias) per sample, float32 (float64 for float64 inputs).
+//     method "ghost" (Gram matrices), "direct" (tiles squared in registers) or "auto" (the
+//     cheaper, cheaper_norm_method).
+// clipped_grad_accumulate_(grad_output, input, scale, grad_weight!?, grad_bias!?) -> ()
+//     grad_weight += Σ_i scale_i·G_iᵀ·X_i = (diag(scale)·G)ᵀ·X, grad_bias += Σ_i scale_i·Σ_t g_t;
+//     scale [B] in the accumulation dtype; buffers may be float32 for 16-bit inputs.
+// per_sample_grads(grad_output, input) -> [B, n, m]: G_iᵀ·X_i for every sample.
+// _per_sample_method(rows_per_sample, n, m) -> "ghost" or "direct": what "auto" picks.
+// add_gaussian_noise_(self!, std, seed, accumulate=True) -> ()   (CPU)
+//     self += std·z (self = std·z when not accumulate), z ~ N(0, 1) per element, a function of
+//     (seed, index) alone: DP-SGD's noise drawn in parallel (torch's CPU normal_ is one
+//     sequential generator).
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/kernel_table.h"
 #include "ops.h"
+#include "per_sample.h"
 #include "policy.h"
 
 namespace {
@@ -77,6 +94,19 @@ TORCH_LIBRARY(torchmatgrad, m) {
   m.def(
       "linear_backward_accumulate_(Tensor grad_output, Tensor input, Tensor weight, "
       "Tensor(a!) grad_weight, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Per-sample gradients (per_sample.h; kernels in cpu/per_sample_cpu.cpp, cuda/per_sample.cu).
+  m.def(
+      "per_sample_grad_norms(Tensor grad_output, Tensor input, bool bias, str method=\"auto\") "
+      "-> Tensor");
+  m.def(
+      "clipped_grad_accumulate_(Tensor grad_output, Tensor input, Tensor scale, "
+      "Tensor(a!)? grad_weight, Tensor(b!)? grad_bias) -> ()");
+  m.def("per_sample_grads(Tensor grad_output, Tensor input) -> Tensor");
+  m.def("add_gaussian_noise_(Tensor(a!) self, float std, int seed, bool accumulate=True) -> ()");
+  m.def("_per_sample_method(int rows_per_sample, int n, int m) -> str",
+        [](int64_t rows, int64_t n, int64_t m) -> std::string {
+          return torchmatgrad::norm_method_name(torchmatgrad::cheaper_norm_method(rows, n, m));
+        });
   // The path policy's controls (policy.h); torchmatgrad/policy.py is their Python face.
   m.def("_set_path_table(str device_type, Tensor vendor) -> ()",
         &torchmatgrad::policy::set_path_table);

@@ -2,6 +2,7 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <torch/version.h>
 
@@ -50,6 +51,23 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_vendor(
   if (output_mask[0]) gi = at::mm(g, weight).view(input.sizes());
   if (output_mask[1]) gb = g.sum(0);
   return {gi, gb};
+}
+
+void clipped_grad_weight_vendor(const at::Tensor& g2d, const at::Tensor& x2d,
+                                const at::Tensor& scale, int64_t rows_per_sample,
+                                const at::Tensor& grad_weight) {
+  const int64_t R = g2d.size(0), n = g2d.size(1), m = x2d.size(1), B = scale.size(0);
+  // (diag(s)·G)ᵀ·X = Gᵀ·(diag(s)·X): scale the narrower operand's rows into the one copy. A
+  // float32 (float64) scale promotes a 16-bit operand to the accumulation dtype.
+  const auto s3 = scale.view({-1, 1, 1});
+  at::Tensor a = g2d, b = x2d;
+  if (n <= m)
+    a = at::mul(g2d.reshape({B, rows_per_sample, n}), s3).view({R, n});
+  else
+    b = at::mul(x2d.reshape({B, rows_per_sample, m}), s3).view({R, m});
+  const auto dtype = grad_weight.scalar_type();  // the input's dtype, or float32 (16-bit inputs)
+  auto out = grad_weight;  // addmm_ writes through this handle into the caller's buffer
+  out.addmm_(a.to(dtype).t(), b.to(dtype));
 }
 
 }  // namespace torchmatgrad

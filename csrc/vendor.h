@@ -36,4 +36,12 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_vendor(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::Tensor& grad_weight, std::array<bool, 2> output_mask);
 
+// Per-sample clipped weight gradient (clipped_grad_accumulate_'s vendor route):
+// grad_weight += (diag(s)·G)ᵀ·X with g2d [R, n], x2d [R, m] and s [B] scaling each sample's
+// rows_per_sample rows: the rows of G or X, whichever is narrower, scaled into one copy
+// (R·min(n, m) values), then one addmm_.
+void clipped_grad_weight_vendor(const at::Tensor& g2d, const at::Tensor& x2d,
+                                const at::Tensor& scale, int64_t rows_per_sample,
+                                const at::Tensor& grad_weight);
+
 }  // namespace torchmatgrad

@@ -177,15 +177,127 @@ ACCUMULATE = [
     ),
 ]
 
+# ---- per-sample ops (csrc/per_sample.h, torchmatgrad/per_sample.py) -------------------------
+
+X235 = lambda d, o: _r(2, 3, 5, device=d)
+G234 = lambda d, o: _r(2, 3, 4, device=d)
+S2 = lambda d, o: _r(2, device=d)
+
+
+def _norms(g=G234, x=X235, method="auto"):
+    return lambda d, o: (g(d, o), x(d, o), True, method)
+
+
+PER_SAMPLE = [  # (name, (grad_output, input) makers, match): every per-sample op checks these
+    (
+        "input rank",
+        (lambda d, o: _r(4, device=d), lambda d, o: _r(5, device=d)),
+        r"input must "
+        r"have at least 2 dimensions \(samples, ..., in_features\), got shape \[5\]",
+    ),
+    (
+        "batch shape",
+        (lambda d, o: _r(2, 4, 4, device=d), X235),
+        r"grad_output must have input's batch shape .*got grad_output of shape \[2, 4, 4\] and "
+        r"input of shape \[2, 3, 5\]",
+    ),
+    ("rank", (lambda d, o: _r(6, 4, device=d), X235), r"grad_output must have input's batch"),
+    (
+        "integer input",
+        (
+            lambda d, o: torch.ones(2, 4, dtype=torch.long, device=d),
+            lambda d, o: torch.ones(2, 5, dtype=torch.long, device=d),
+        ),
+        r"input must be a floating point tensor .*, got Long",
+    ),
+    (
+        "dtype",
+        (lambda d, o: _r(2, 3, 4, device=d, dtype=torch.float64), X235),
+        r"grad_output and input must have the same dtype, got grad_output Double and input Float",
+    ),
+    (
+        "device",
+        (lambda d, o: _r(2, 3, 4, device=o), X235),
+        r"grad_output and input must be on the same device",
+    ),
+]
+
+
+def _clip(scale=S2, gw=lambda d, o: _r(4, 5, device=d), gb=lambda d, o: _r(4, device=d)):
+    return lambda d, o: (
+        G234(d, o),
+        X235(d, o),
+        scale(d, o),
+        None if gw is None else gw(d, o),
+        None if gb is None else gb(d, o),
+    )
+
+
+NORMS = [(n, _norms(*mk), match) for n, mk, match in PER_SAMPLE] + [
+    ("method", _norms(method="gram"), r"method must be 'auto', 'ghost' or 'direct', got 'gram'"),
+]
+GRADS = [(n, lambda d, o, mk=mk: (mk[0](d, o), mk[1](d, o)), m) for n, mk, m in PER_SAMPLE]
+CLIPPED = [
+    (n, lambda d, o, mk=mk: (mk[0](d, o), mk[1](d, o), S2(d, o), None, None), m)
+    for n, mk, m in PER_SAMPLE[:2]
+] + [
+    (
+        "scale length",
+        _clip(scale=lambda d, o: _r(3, device=d)),
+        r"scale must be 1-D of length input.size\(0\) \(samples\) = 2, got shape \[3\]",
+    ),
+    (
+        "scale dtype",
+        _clip(scale=lambda d, o: _r(2, device=d, dtype=torch.float64)),
+        r"scale must have dtype Float for Float inputs, got Double",
+    ),
+    (
+        "scale device",
+        _clip(scale=lambda d, o: _r(2, device=o)),
+        r"scale must be on the same device as input",
+    ),
+    (
+        "grad_weight shape",
+        _clip(gw=lambda d, o: _r(5, 4, device=d)),
+        r"grad_weight must have shape \[4, 5\], got \[5, 4\]",
+    ),
+    (
+        "grad_weight dtype",
+        _clip(gw=lambda d, o: _r(4, 5, device=d, dtype=torch.float64)),
+        r"grad_weight must have input's dtype \(Float, or float32 for 16-bit inputs\), got Double",
+    ),
+    (
+        "grad_weight layout",
+        _clip(gw=lambda d, o: _r(5, 4, device=d).t()),
+        r"grad_weight must be contiguous, got strides \[1, 4\]",
+    ),
+    (
+        "grad_bias shape",
+        _clip(gw=None, gb=lambda d, o: _r(5, device=d)),
+        r"grad_bias must have shape \[4\], got \[5\]",
+    ),
+    (
+        "grad_bias device",
+        _clip(gb=lambda d, o: _r(4, device=o)),
+        r"grad_bias must be on the same device as input",
+    ),
+]
+
 CASES = (
     [Case("linear", *c) for c in LINEAR]
     + [Case("linear_backward", *c) for c in BACKWARD]
     + [Case("linear_backward_accumulate_", *c) for c in ACCUMULATE]
+    + [Case("per_sample_grad_norms", *c) for c in NORMS]
+    + [Case("per_sample_grads", *c) for c in GRADS]
+    + [Case("clipped_grad_accumulate_", *c) for c in CLIPPED]
 )
 ENTRIES = {
     "linear": [("op", ops.linear), ("functional", torchmatgrad.linear)],
     "linear_backward": [("op", ops.linear_backward)],
     "linear_backward_accumulate_": [("op", ops.linear_backward_accumulate_)],
+    "per_sample_grad_norms": [("op", ops.per_sample_grad_norms)],
+    "per_sample_grads": [("op", ops.per_sample_grads)],
+    "clipped_grad_accumulate_": [("op", ops.clipped_grad_accumulate_)],
 }
 PARAMS = [
     pytest.param(case, entry, fn, id=f"{case.op}-{case.name}-{entry}")

@@ -2,7 +2,8 @@
 
 ``torchmatgrad.linear`` and ``torchmatgrad.nn.Linear`` are drop-ins for ``F.linear`` and
 ``nn.Linear`` backed by hand-written CPU and CUDA kernels; ``torchmatgrad.jacobian`` gives the
-explicit derivatives of W·x. ``torchmatgrad.testing`` holds the tolerance policy, input makers
+explicit derivatives of W·x; ``torchmatgrad.per_sample`` per-sample gradient norms and DP-SGD
+clipping in one backward. ``torchmatgrad.testing`` holds the tolerance policy, input makers
 and check cells the tests and tools share; the commands (``python -m torchmatgrad``) live in
 ``torchmatgrad.cli``.
 """
@@ -13,10 +14,12 @@ from . import (
     _C,  # noqa: F401  (runs the op registrations)
     distributed,  # noqa: F401  (DTensor sharding rules for tensor parallelism)
     nn,
+    opacus_support,  # noqa: F401  (Opacus samplers, registered when opacus is imported)
+    per_sample,
     policy,
 )
 from ._version import __version__
 from .jacobian import jacobian
 from .ops import linear
 
-__all__ = ["jacobian", "linear", "nn", "policy", "__version__"]
+__all__ = ["jacobian", "linear", "nn", "per_sample", "policy", "__version__"]

@@ -140,6 +140,29 @@ def fake_tensor_mode() -> Any:
     return FakeTensorMode()
 
 
+def cpu_allocation_peak(fn: Callable[[], Any]) -> int | None:
+    """The most bytes torch's CPU allocator held at once while ``fn()`` ran, above what it held
+    before: the running sum of the profiler's allocation events (``torch.profiler`` with
+    ``profile_memory=True``, read through ``prof.profiler.kineto_results.events()``, whose
+    ``[memory]`` events carry signed ``nbytes()``). None: this torch cannot say (``fn`` still
+    runs, once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        results = prof.profiler.kineto_results
+        events = [e for e in results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        peak = total = 0
+        for e in events:
+            total += e.nbytes()
+            peak = max(peak, total)
+        return peak
+    except AttributeError:  # the profiler's results changed shape
+        return None
+
+
 def dispatch_mode_base() -> type:
     """The base class of a Python dispatch mode (``torch.utils._python_dispatch
     .TorchDispatchMode``: ``__torch_dispatch__`` sees every op below autograd). Raises

@@ -552,6 +552,14 @@ def _t_opcheck(device, dtype):
     torch.library.opcheck(
         torch.ops.torchmatgrad.linear_backward_accumulate_.default, (go, x, w, buf, [True, True])
     )
+    # The per-sample ops (torchmatgrad.per_sample; no autograd: they run inside a backward).
+    xs = rand(2, 3, 5, device=device, dtype=dtype, seed=29)
+    gs = rand(2, 3, 4, device=device, dtype=dtype, seed=30)
+    scale = rand(2, device=device, dtype=accumulate_dtype(dtype), seed=31).abs()
+    ops = torch.ops.torchmatgrad
+    torch.library.opcheck(ops.per_sample_grad_norms.default, (gs, xs, True, "auto"))
+    torch.library.opcheck(ops.per_sample_grads.default, (gs, xs))
+    torch.library.opcheck(ops.clipped_grad_accumulate_.default, (gs, xs, scale, _like(w, 32), None))
 
 
 TRANSFORMS = [

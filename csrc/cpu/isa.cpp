@@ -44,4 +44,15 @@ const Table& table() {
   return *t;
 }
 
+const PerSampleTable& per_sample_table() {
+  static const PerSampleTable* t = [] {
+    const PerSampleTable* units[] = {per_sample_table_avx512(), per_sample_table_avx2(),
+                                     per_sample_table_baseline()};
+    for (const PerSampleTable* u : units)
+      if (u != nullptr && std::strcmp(u->isa, table().isa) == 0) return u;
+    TORCH_CHECK(false, "no per-sample kernels for the instruction set ", table().isa);
+  }();
+  return *t;
+}
+
 }  // namespace torchmatgrad::cpu

@@ -21,10 +21,16 @@
 namespace torchmatgrad::cpu {
 namespace avx2 {
 #include "kernels.h"
+#include "per_sample_kernels.h"
 }  // namespace avx2
 
 const Table* table_avx2() {
   static const Table table = avx2::make_table("avx2");
+  return &table;
+}
+
+const PerSampleTable* per_sample_table_avx2() {
+  static const PerSampleTable table = avx2::make_per_sample_table("avx2");
   return &table;
 }
 
@@ -36,6 +42,9 @@ const Table* table_avx2() {
 
 namespace torchmatgrad::cpu {
 const Table* table_avx2() {
+  return nullptr;
+}
+const PerSampleTable* per_sample_table_avx2() {
   return nullptr;
 }
 }  // namespace torchmatgrad::cpu

@@ -22,10 +22,16 @@
 namespace torchmatgrad::cpu {
 namespace avx512 {
 #include "kernels.h"
+#include "per_sample_kernels.h"
 }  // namespace avx512
 
 const Table* table_avx512() {
   static const Table table = avx512::make_table("avx512");
+  return &table;
+}
+
+const PerSampleTable* per_sample_table_avx512() {
+  static const PerSampleTable table = avx512::make_per_sample_table("avx512");
   return &table;
 }
 
@@ -37,6 +43,9 @@ const Table* table_avx512() {
 
 namespace torchmatgrad::cpu {
 const Table* table_avx512() {
+  return nullptr;
+}
+const PerSampleTable* per_sample_table_avx512() {
   return nullptr;
 }
 }  // namespace torchmatgrad::cpu

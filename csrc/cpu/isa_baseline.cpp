@@ -14,10 +14,16 @@
 namespace torchmatgrad::cpu {
 namespace baseline {
 #include "kernels.h"
+#include "per_sample_kernels.h"
 }  // namespace baseline
 
 const Table* table_baseline() {
   static const Table table = baseline::make_table("baseline");
+  return &table;
+}
+
+const PerSampleTable* per_sample_table_baseline() {
+  static const PerSampleTable table = baseline::make_per_sample_table("baseline");
   return &table;
 }
 

@@ -139,4 +139,94 @@ inline const Reductions<f16_t>& reductions(const Table& t) {
   return t.red_f16;
 }
 
+// ---- per-sample gradients (per_sample_kernels.h) -------------------------------------------
+//
+// A table of their own, filled by the same ISA units (make_per_sample_table) and picked to match
+// table()'s ISA. Operands are "packed" by the launcher (per_sample_cpu.cpp) with the pack
+// kernels: G into panels of panel_rows columns, Gp[p, r, a] = s_r·G[r, p·panel_rows + a] (zero
+// past n), and X into tiles of tile_cols columns, Xt[c, r, b] = X[r, c·tile_cols + b] (zero past
+// m), so every register tile is full, both operands stream contiguously (no power-of-two row
+// strides for the cache to alias) and a row scale costs nothing in the inner loop.
+
+template <typename T>
+struct PerSamplePack {
+  // Gp[p, r, :] for panels p ∈ [p0, p1) and every row r < R; G's element (r, j) at G[r·ldg + j];
+  // s_r = scale[r / rows_per_sample], or 1 when scale is nullptr.
+  void (*pack_panels)(const T* G, int64_t ldg, int64_t n, int64_t R, int64_t rows_per_sample,
+                      const acc_t<T>* scale, acc_t<T>* Gp, int64_t p0, int64_t p1);
+  // Xt[c, r, :] for column tiles c ∈ [c0, c1) and every row r < R; X's element (r, k) at
+  // X[r·ldx + k].
+  void (*pack_tiles)(const T* X, int64_t ldx, int64_t m, int64_t R, acc_t<T>* Xt, int64_t c0,
+                     int64_t c1);
+  // Xp[r, :] = X[r, :m] widened, zero from m to ldp, for rows r ∈ [r0, r1).
+  void (*pack_rows)(const T* X, int64_t ldx, int64_t m, acc_t<T>* Xp, int64_t ldp, int64_t r0,
+                    int64_t r1);
+};
+
+// Per-sample squared norms, in the accumulation type A (float or double), results in double.
+template <typename A>
+struct PerSampleNorms {
+  // Ghost: Σ over row blocks tb ∈ [b0, b1) of one sample and every block ub ≥ tb of
+  // Σ_{t ∈ tb, u ∈ ub} (g_t·g_u)(x_t·x_u), off-diagonal blocks counted twice. G [T, n] and X
+  // [T, m] are the sample's rows (contiguous); `zeros` holds max(n, m) zeros.
+  double (*ghost_rows)(const A* G, int64_t n, const A* X, int64_t m, int64_t T, int64_t b0,
+                       int64_t b1, const A* zeros);
+  // Direct: Σ_{j, k} (Σ_{r ∈ [r0, r1)} Gp[p, r, j]·Xt[c, r, k])² over panels p ∈ [p0, p1) and
+  // column tiles c < ctiles; Gp and Xt hold R rows per panel / tile.
+  double (*outer_sq)(const A* Gp, int64_t R, const A* Xt, int64_t ctiles, int64_t r0, int64_t r1,
+                     int64_t p0, int64_t p1);
+  // Σ_j (Σ_{r ∈ [r0, r1)} G[r, j])²: one sample's squared bias-gradient norm; G [·, n].
+  double (*column_sum_sq)(const A* G, int64_t n, int64_t r0, int64_t r1);
+  // out[j] = Σ_{r < R} scale[r / rows_per_sample]·G[r, j] for j ∈ [j0, j1), rows in order.
+  void (*weighted_column_sum)(const A* G, int64_t n, int64_t R, int64_t rows_per_sample,
+                              const A* scale, int64_t j0, int64_t j1, A* out);
+};
+
+template <typename A, typename O>
+struct PerSampleOuter {
+  // C[j, k] (=|+=) Σ_{r ∈ [r0, r1)} Gp[p, r, j - p·panel_rows]·Xt[c, r, k - c·tile_cols] for
+  // the panels p ∈ [p0, p1) and column tiles c ∈ [c0, c1); only j < n, k < m are written.
+  // C [n, ldc] of type O; Gp and Xt hold R rows per panel / tile.
+  void (*outer_tile)(const A* Gp, int64_t R, const A* Xt, int64_t r0, int64_t r1, O* C, int64_t ldc,
+                     int64_t n, int64_t m, int64_t p0, int64_t p1, int64_t c0, int64_t c1,
+                     bool accumulate);
+};
+
+// Gaussian noise for DP-SGD: out[i] (+)= std·z_i for the 16-element blocks [b0, b1) of out's n
+// elements, z_i ~ N(0, 1) a function of (seed, i) alone (splitmix64 of a counter, Box-Muller), so
+// the noise does not depend on how the work is split. accumulate = false: out is only written.
+template <typename T>
+struct PerSampleNoise {
+  void (*add_gaussian)(T* out, int64_t n, double std, uint64_t seed, bool accumulate, int64_t b0,
+                       int64_t b1);
+};
+
+struct PerSampleTable {
+  const char* isa;
+  int64_t panel_rows;                    // columns of G per panel = rows of a register tile
+  int64_t tile_cols_f32, tile_cols_f64;  // columns of a register tile (float / double)
+  int64_t ghost_block;                   // rows per side of a ghost (Gram) block
+  PerSamplePack<float> pack_f32;
+  PerSamplePack<double> pack_f64;
+  PerSamplePack<bf16_t> pack_bf16;
+  PerSamplePack<f16_t> pack_f16;
+  PerSampleNorms<float> norms_f32;
+  PerSampleNorms<double> norms_f64;
+  PerSampleOuter<float, float> outer_f32;
+  PerSampleOuter<double, double> outer_f64;
+  PerSampleOuter<float, bf16_t> outer_bf16;
+  PerSampleOuter<float, f16_t> outer_f16;
+  PerSampleNoise<float> noise_f32;
+  PerSampleNoise<double> noise_f64;
+  PerSampleNoise<bf16_t> noise_bf16;
+  PerSampleNoise<f16_t> noise_f16;
+};
+
+const PerSampleTable* per_sample_table_baseline();
+const PerSampleTable* per_sample_table_avx2();
+const PerSampleTable* per_sample_table_avx512();
+
+// The unit of the ISA that table() uses.
+const PerSampleTable& per_sample_table();
+
 }  // namespace torchmatgrad::cpu

@@ -58,6 +58,13 @@ def _parser() -> _ArgumentParser:
         help="dtype of W and x (default float64); references are computed in float64",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--per-sample",
+        action="store_true",
+        help="per-sample gradients of W·x and DP-SGD clipping instead (docs/per_sample.md)",
+    )
+    p.add_argument("--B", type=_positive_int, default=3, help="--per-sample: samples (default 3)")
+    p.add_argument("--T", type=_positive_int, default=2, help="--per-sample: rows per sample (2)")
     return p
 
 
@@ -244,6 +251,12 @@ def main(argv: list[str] | Sequence[str] | None = None) -> int:
             parser.error(f"argument --device: expected cpu or cuda, got {args.device!r}")
     except SystemExit as e:  # --help (0) or a bad argument (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.per_sample:
+        from .explain_per_sample import explain as explain_per_sample
+
+        return explain_per_sample(
+            args.n, args.m, args.B, args.T, args.seed, DTYPES[args.dtype], device
+        )
     return _explain(args.n, args.m, args.seed, DTYPES[args.dtype], device)
 
 

@@ -9,6 +9,10 @@ For every device, dtype, size n = m (weight n×m) and batch rows B it times thre
   grad_W into ``.grad``) and "fused" (``grad_accumulation="fused"``: the backward kernel adds
   into ``.grad`` in place).
 
+``--case dp`` runs on its own: a DP-SGD step of a GPT-2-shaped stack of linear layers, the
+non-private step against torchmatgrad's one-backward clipping and Opacus's "hooks" and "ghost"
+modes, time and peak memory (see :mod:`.dp`; options --B, --T, --blocks, --d).
+
 Peers (same run, same inputs, timings interleaved call by call): torch eager (F.linear and its
 autograd) and torchmatgrad; with ``--compile`` also torch.compile of F.linear and of
 torchmatgrad.linear. Each row reports the median time, the achieved bandwidth (the byte floor's
@@ -110,11 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="batch rows; default 1 2 4 8 16 64 256 4096; --quick: 1 16",
     )
-    p.add_argument("--case", nargs="+", choices=CASES, help="default: all")
+    p.add_argument(
+        "--case",
+        nargs="+",
+        choices=(*CASES, "dp"),
+        help="default: all but dp; dp (the DP-SGD step, see .dp) runs alone",
+    )
+    p.add_argument("--T", nargs="+", type=int, help="dp: tokens per sample (default CPU 16 64)")
+    p.add_argument("--blocks", type=int, help="dp: transformer blocks (default CPU 4, CUDA 12)")
+    p.add_argument("--d", type=int, default=768, help="dp: model width (default 768)")
     p.add_argument("--quick", action="store_true", help="small grid, few reps (< 1 min on CPU)")
     p.add_argument("--compile", action="store_true", help="add torch.compile peers")
     p.add_argument(
-        "--reps", type=int, help="timed calls per peer (default CPU/CUDA 30/100; --quick 40/30)"
+        "--reps",
+        type=int,
+        help="timed calls per peer (default CPU/CUDA 30/100; --quick 40/30); dp: rounds of 3 "
+        "steps per variant (default CPU/CUDA 5/8)",
     )
     p.add_argument(
         "--warmup", type=int, help="untimed calls per peer first (default 3/10; --quick 2/5)"
@@ -171,7 +186,16 @@ def _progress(total: int, enabled: bool) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table and write ``<out>/<name>.json``, ``.csv`` and
     ``-<device>.png``. Returns 0, or 2 on a bad request (e.g. CUDA asked for but absent)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.case and "dp" in args.case:
+        if len(args.case) > 1:
+            parser.error("--case dp runs on its own")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from .dp import main as dp_main
+
+        return dp_main(args)
     try:
         devices = _devices(args.device)
     except (ValueError, RuntimeError) as e:
