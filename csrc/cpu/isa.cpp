@@ -7,6 +7,7 @@
 
 #include <c10/util/Exception.h>
 
+#include "../constants.h"
 #include "kernel_table.h"
 
 namespace torchmatgrad::cpu {
@@ -42,6 +43,18 @@ const Table* pick() {
 const Table& table() {
   static const Table* t = pick();
   return *t;
+}
+
+const Table& table_for_rows(int64_t rows) {
+  static const Table* narrow = [] {
+    const char* forced = std::getenv("TORCHMATGRAD_CPU_ISA");
+    const Table* avx2 = table_avx2();
+    if ((forced == nullptr || *forced == '\0') && std::strcmp(table().isa, "avx512") == 0 &&
+        avx2 != nullptr && cpu_has("avx2"))
+      return avx2;
+    return &table();
+  }();
+  return rows <= kFewRows ? *narrow : table();
 }
 
 const PerSampleTable& per_sample_table() {

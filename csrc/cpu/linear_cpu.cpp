@@ -121,7 +121,8 @@ void gemm_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int6
     });
     return;
   }
-  const int64_t tp = cpu::table().lanes_block;
+  const cpu::Table& table = cpu::table_for_rows(P);
+  const int64_t tp = table.lanes_block;
   constexpr int64_t tq = cpu::kLanesTileQ;
   const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;
   auto a = at::from_blob(const_cast<A_t*>(A), {P, K}, {lda, 1}, acc_opts);
@@ -129,7 +130,7 @@ void gemm_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int6
   xt.narrow(0, 0, P).copy_(a);
   xt = xt.view({np, tp, K}).transpose(1, 2).contiguous();  // [np, K, tp]
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, tp * tq * K));
-  auto fn = kernels<T, O>().gemm_lanes_tile;
+  auto fn = cpu::kernels<T, O>(table).gemm_lanes_tile;
   at::parallel_for(0, np * nq, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       // q-block major: consecutive tiles of a thread share the same rows of B.
