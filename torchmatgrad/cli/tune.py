@@ -3,11 +3,10 @@
 For each op (forward, backward, accumulate), dtype and a few weight sizes, it times the op on
 the hand-written kernel and on the vendor route (ATen mm/addmm) at growing row counts,
 interleaved call by call on the same inputs (weights rotated past the last-level cache), and
-takes the vendor route only where it was faster. Each path's time is the fastest of its calls:
-both paths meet the same interference from other processes, and the minimum estimates what a
-path costs without it better than a median that a few preempted calls can shift. Row counts
-stop early once the vendor route has won clearly twice in a row (compute-bound from there on).
-Every (size bucket, rows bucket) then takes the decision of the nearest measured point, so the
+takes the vendor route only where it was faster (medians of single calls: the typical cost,
+allocator and page-fault effects included, which a minimum would hide). Row counts stop early
+once the vendor route has won clearly twice in a row (compute-bound from there on). Every
+(size bucket, rows bucket) then takes the decision of the nearest measured point, so the
 table covers shapes that were not measured (rectangular layers, other widths). The result is
 written to the cache the policy reads at import (``torchmatgrad.policy.cache_file()``) and
 installed at once; ``info`` prints it with the measured times behind each choice.
@@ -20,6 +19,7 @@ import datetime
 import itertools
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -89,7 +89,7 @@ def _inputs(op: str, device: torch.device, dtype: torch.dtype, n: int, rows: int
 def time_point(
     op: str, device: torch.device, dtype: torch.dtype, n: int, rows: int, reps: int, max_time: float
 ) -> tuple[float, float]:
-    """(kernel ms, vendor ms): the fastest of single calls, the two paths interleaved."""
+    """(kernel ms, vendor ms): medians of single calls, the two paths interleaved."""
     call = _inputs(op, device, dtype, n, rows, seed=n + rows)
     counter = itertools.count()
     samples: dict[int, list[float]] = {1: [], 2: []}
@@ -122,7 +122,7 @@ def time_point(
                 break
     finally:
         policy._set_forced(policy.current_path())  # restore the process's override
-    return min(samples[1]), min(samples[2])
+    return statistics.median(samples[1]), statistics.median(samples[2])
 
 
 def measure(
