@@ -353,8 +353,10 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk,
   constexpr int QR = PV <= 2 ? kAccRegs / 2 : kAccRegs / PV;
   constexpr int U = PV == 1 ? 2 : 1;
   alignas(64) A_t out[kLanesTileQ][kLanesBlock];
-  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kLanesKC<T>) {
-    const int64_t k1 = std::min(K, k0 + kLanesKC<T>);
+  // Few rows (memory-bound): whole rows of W, one stream each, without slices.
+  const int64_t kc = P > kFewRows ? kLanesKC<T> : std::max<int64_t>(K, 1);
+  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
+    const int64_t k1 = std::min(K, k0 + kc);
     for (int64_t q = q0; q < q1;) {
       const int64_t rows = std::min<int64_t>(QR, q1 - q);
       const T* w = W + q * ldq;
