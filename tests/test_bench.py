@@ -17,18 +17,24 @@ TINY = ["--quick", "--n", "64", "--B", "1", "4", "--dtype", "float32"]
 TINY += ["--reps", "3", "--warmup", "1", "--no-progress", "--name", "tiny"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One tiny --quick run shared by the checks: (out dir, captured stdout)."""
+def _run_tiny(out, path: str) -> str:
+    """A tiny --quick run with every op forced onto ``path``; returns the captured stdout."""
     import contextlib
     import io
 
-    out = tmp_path_factory.mktemp("bench_out")
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), policy.force_path(path):
         rc = bench.main([*TINY, "--device", "cpu", "--out", str(out)])
     assert rc == 0
-    return out, buf.getvalue()
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny --quick run shared by the checks: (out dir, captured stdout). The kernel path is
+    forced, so the rows do not depend on this machine's path table (no extra "kernel" rows)."""
+    out = tmp_path_factory.mktemp("bench_out")
+    return out, _run_tiny(out, "kernel")
 
 
 def test_json(tiny_run):
@@ -65,6 +71,25 @@ def test_json(tiny_run):
             assert r["rel_err"] < 1e-4
         else:
             assert r["speedup_vs_torch"] == 1.0
+
+
+def test_vendor_default_keeps_kernel_rows(tmp_path):
+    """Where the default path is the vendor route, every torchmatgrad row gets a partner forced
+    onto the hand-written kernel (variant "kernel"), and each row names the path it took."""
+    _run_tiny(tmp_path, "vendor")
+    rows = json.loads((tmp_path / "tiny.json").read_text())["rows"]
+    tmg = [r for r in rows if r["peer"] == "torchmatgrad"]
+    default = [r for r in tmg if "kernel" not in r["variant"]]
+    kernel = [r for r in tmg if "kernel" in r["variant"]]
+    assert len(default) == len(kernel) == 2 * (len(bench.CASES) + 1)
+    assert all("vendor" in r["path"] for r in default), default
+    assert all(r["path"] == "cpu:few-rows" for r in kernel), kernel
+    assert {(r["B"], r["case"], r["variant"]) for r in kernel} == {
+        (r["B"], r["case"], "kernel" if r["variant"] == "-" else f"{r['variant']},kernel")
+        for r in default
+    }
+    for r in tmg:
+        assert r["error"] is None and r["rel_err"] < 1e-4, r
 
 
 def test_csv(tiny_run):
