@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernel_table.h"
+#include "eager.h"
 #include "ops.h"
 #include "per_sample.h"
 #include "policy.h"
@@ -52,10 +53,11 @@ bool add_int_tuple(PyObject* module, const char* name, const int64_t (&values)[N
 }  // namespace
 
 extern "C" {
-// `import torchmatgrad._C` runs the static registrations below; the module itself holds only
-// build facts.
+// `import torchmatgrad._C` runs the static registrations below; the module itself holds build
+// facts and the eager entry of linear (eager.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          torchmatgrad_eager_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   // Thresholds of the kernel paths, for `info` and the path policy (one source: constants.h).
@@ -70,6 +72,8 @@ PyObject* PyInit__C(void) {
     PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu::table().isa);
     PyModule_AddIntConstant(module, "cpu_lanes_block",
                             long(torchmatgrad::cpu::table().lanes_block));
+    PyModule_AddIntConstant(module, "cpu_grad_stream_min_bytes",
+                            long(torchmatgrad::cpu::grad_stream_min_bytes()));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
     Py_DECREF(module);

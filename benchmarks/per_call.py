@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Per-call cost of a small layer: torch.nn.Linear against torchmatgrad.nn.Linear (same
+parameters, same input), forward under no_grad and forward + backward, timed interleaved in one
+process (rounds of many calls each, alternating; the fastest round per peer is reported, so a
+preempted round does not count). Prints one line per case and, with --json, writes them.
+
+    python benchmarks/per_call.py [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import torchmatgrad
+
+CASES = [(64, 1), (256, 8), (1024, 1)]  # (n = m, rows)
+ROUNDS, CALLS = 15, 400
+
+
+def _round(fn, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    rows = []
+    for n, b in CASES:
+        torch.manual_seed(0)
+        ref = torch.nn.Linear(n, n)
+        ours = torchmatgrad.nn.Linear(n, n)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(b, n)
+        xg = x.clone().requires_grad_()
+
+        def forward(m, x=x):
+            def f():
+                with torch.no_grad():
+                    m(x)
+
+            return f
+
+        def step(m, xg=xg):
+            def f():
+                m.weight.grad = m.bias.grad = xg.grad = None
+                m(xg).sum().backward()
+
+            return f
+
+        for case, make in (("forward, no_grad", forward), ("forward + backward", step)):
+            fns = {"torch": make(ref), "torchmatgrad": make(ours)}
+            for fn in fns.values():
+                _round(fn, CALLS)  # warm-up
+            best = dict.fromkeys(fns, float("inf"))
+            for _ in range(ROUNDS):
+                for name, fn in fns.items():
+                    best[name] = min(best[name], _round(fn, CALLS))
+            row = dict(
+                n=n,
+                rows=b,
+                case=case,
+                torch_us=best["torch"] * 1e6,
+                torchmatgrad_us=best["torchmatgrad"] * 1e6,
+            )
+            row["ratio"] = row["torchmatgrad_us"] / row["torch_us"]
+            rows.append(row)
+            print(
+                f"nn.Linear {n}×{n}, {b} row(s), {case:18s}: torch {row['torch_us']:7.1f} µs, "
+                f"torchmatgrad {row['torchmatgrad_us']:7.1f} µs, {row['ratio']:.2f}× torch's time"
+            )
+    if args.json:
+        meta = dict(
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            machine=platform.processor() or platform.machine(),
+            cpu_isa=torchmatgrad._C.cpu_isa,
+        )
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
