@@ -53,6 +53,29 @@ def test_backward_op(device, dtype, n, m, batch):
     assert_close(gb, G64.sum(0), k=rows, peers=[G.sum(0)], what="grad_bias")
 
 
+@pytest.mark.parametrize("rows", [3, 40])
+def test_backward_large_grad_weight(rows):
+    """A grad_W of at least _C.cpu_grad_stream_min_bytes takes non-temporal stores (smaller ones
+    plain stores, tested above); an odd width leaves most rows unaligned (the scalar fallback
+    of the streaming store). Few rows and many rows, on the hand-written kernel."""
+    from torchmatgrad import _C, policy
+
+    m = 1001
+    n = -(-_C.cpu_grad_stream_min_bytes // (4 * m)) + 3
+    x, w, g = rand(rows, m), rand(n, m), rand(rows, n)
+    poison_allocator((n, m), torch.float32, "cpu")
+    with policy.force_path("kernel"):
+        gi, gw, _ = ops.linear_backward(g, x, w, [True, True, False])
+        acc = rand(n, m)
+        expect_acc = acc.double() + g.double().t() @ x.double()
+        ops.linear_backward_accumulate_(g, x, w, acc, [False, False])
+    assert gw.nbytes >= _C.cpu_grad_stream_min_bytes
+    ref = g.double().t() @ x.double()
+    assert_close(gw, ref, k=rows, peers=[g.t() @ x], what="grad_weight")
+    assert_close(gi, g.double() @ w.double(), k=n, peers=[g @ w], what="grad_input")
+    assert_close(acc, expect_acc, k=rows + 1, what="accumulated")
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize(
     "mask", [[True, False, False], [False, True, False], [False, False, True], [True, True, False]]

@@ -5,6 +5,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#ifdef __linux__
+#include <unistd.h>
+#endif
+
 #include <c10/util/Exception.h>
 
 #include "../constants.h"
@@ -55,6 +59,17 @@ const Table& table_for_rows(int64_t rows) {
     return &table();
   }();
   return rows <= kFewRows ? *narrow : table();
+}
+
+int64_t grad_stream_min_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l3 = 0;
+#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return l3 > 0 ? l3 / 2 : int64_t(16) << 20;
+  }();
+  return bytes;
 }
 
 const PerSampleTable& per_sample_table() {

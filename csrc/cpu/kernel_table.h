@@ -36,6 +36,10 @@ struct Acc<double> {
 template <typename T>
 using acc_t = typename Acc<T>::type;
 
+// How the backward writes grad_W: a plain store, a non-temporal store (a grad_W larger than the
+// caches goes to memory without being read first), or an add into the existing values.
+enum class GradStore : int { kStore, kStream, kAdd };
+
 // The kernels for storage type T writing outputs of type O (O = float: an fp32 master
 // gradient for a 16-bit weight). Shapes and layouts are documented in kernels.h.
 template <typename T, typename O>
@@ -53,10 +57,10 @@ struct Kernels {
   // grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :] for j ∈ [j0, j1); G's element (r, j) at
   // G[r·sr + j·sj].
   void (*grad_weight_rows)(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X, int64_t R,
-                           int64_t m, O* gw, int64_t ldgw, bool accumulate, int64_t j0, int64_t j1);
+                           int64_t m, O* gw, int64_t ldgw, GradStore store, int64_t j0, int64_t j1);
   // For ≤ kFewRows rows: grad_W rows [j0, j1) and this chunk's float partial of G·W, one pass.
   void (*backward_rows)(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
-                        int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate, acc_t<T>* gi,
+                        int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store, acc_t<T>* gi,
                         int64_t j0, int64_t j1);
 };
 
@@ -98,6 +102,10 @@ const Table& table();
 // kernel measured 1.1-1.4x faster there, 1024² and 4096², 2 threads, Cascade Lake), else
 // table(). TORCHMATGRAD_CPU_ISA forces table() everywhere.
 const Table& table_for_rows(int64_t rows);
+
+// grad_W outputs of at least this many bytes take non-temporal stores (GradStore::kStream):
+// half the last-level cache (the rest holds W, X and G); 16 MiB where its size is unknown.
+int64_t grad_stream_min_bytes();
 
 template <typename T, typename O>
 const Kernels<T, O>& kernels(const Table& t);

@@ -143,8 +143,10 @@ inline void vstore<f16_t>(f16_t* p, f32v v) {
 #endif
 }
 
-// A store of a result nobody reads soon (grad_W): non-temporal where possible, so the cache
-// lines are not read from memory first (saves one of three passes over grad_W).
+// A store of a result larger than the caches (grad_W): non-temporal where possible, so the
+// cache lines are not read from memory first (saves one of three passes over grad_W). A result
+// that fits in the last-level cache takes plain stores: streaming it to memory would cost a full
+// memory pass that a cached store avoids (4 MiB: 357 µs against 206 µs, Xeon, 35 MiB L3).
 template <typename O>
 inline void vstore_stream(O* p, typename VecOf<acc_t<O>>::type v) {
   if constexpr (std::is_same_v<O, float>) {
@@ -401,7 +403,7 @@ void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O
 //
 // For the W rows j ∈ [j0, j1) of one chunk, with R ≤ 16 rows of G [R, n] and X [R, m] (both
 // widened, contiguous):
-//   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]    written once, never read (streaming stores)
+//   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]    written once (streaming stores when large)
 //   gi[r, :]      +=    Σ_j G[r, j]·W[j, :]    W read once; gi is this chunk's float partial
 // Two sweeps over the chunk, each with its own register tile: grad_W keeps 4 rows × 2 vectors
 // of sums in registers while the (cached) rows of X stream past; gi keeps 8 rows of W in
@@ -411,18 +413,19 @@ void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O
 // Gᵀ for many rows so each j's column of G is contiguous).
 template <int JR, typename T, typename O>
 inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X,
-                              int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate,
+                              int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store,
                               int64_t j) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
   const A_t* g = G + j * sj;
   auto finish = [&](O* dst, V v) {
-    if (accumulate) {
-      v += vload(dst);
-      vstore(dst, v);
-    } else {
+    if (store == GradStore::kAdd) {
+      vstore(dst, v + vload(dst));
+    } else if (store == GradStore::kStream) {
       vstore_stream(dst, v);
+    } else {
+      vstore(dst, v);
     }
   };
   int64_t k = 0;
@@ -447,7 +450,7 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const a
       A_t s = 0;
       for (int64_t r = 0; r < R; ++r) s += g[r * sr + a * sj] * X[r * m + k];
       O* dst = gw + (j + a) * ldgw + k;
-      dst[0] = from_acc<O>(accumulate ? s + to_acc(dst[0]) : s);
+      dst[0] = from_acc<O>(store == GradStore::kAdd ? s + to_acc(dst[0]) : s);
     }
   }
 }
@@ -455,10 +458,10 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const a
 // grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :] for j ∈ [j0, j1), any number of rows R.
 template <typename T, typename O>
 void grad_weight_rows(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X, int64_t R,
-                      int64_t m, O* gw, int64_t ldgw, bool accumulate, int64_t j0, int64_t j1) {
+                      int64_t m, O* gw, int64_t ldgw, GradStore store, int64_t j0, int64_t j1) {
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) grad_weight_group<4, T>(G, sr, sj, X, R, m, gw, ldgw, accumulate, j);
-  for (; j < j1; ++j) grad_weight_group<1, T>(G, sr, sj, X, R, m, gw, ldgw, accumulate, j);
+  for (; j + 4 <= j1; j += 4) grad_weight_group<4, T>(G, sr, sj, X, R, m, gw, ldgw, store, j);
+  for (; j < j1; ++j) grad_weight_group<1, T>(G, sr, sj, X, R, m, gw, ldgw, store, j);
 }
 
 template <int JR, typename T>
@@ -487,9 +490,9 @@ inline void grad_input_group(const acc_t<T>* G, int64_t n, const T* W, int64_t l
 
 template <typename T, typename O>
 void backward_rows(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
-                   int64_t R, int64_t m, O* gw, int64_t ldgw, bool accumulate, acc_t<T>* gi,
+                   int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store, acc_t<T>* gi,
                    int64_t j0, int64_t j1) {
-  if (gw) grad_weight_rows<T>(G, n, 1, X, R, m, gw, ldgw, accumulate, j0, j1);
+  if (gw) grad_weight_rows<T>(G, n, 1, X, R, m, gw, ldgw, store, j0, j1);
   if (gi) {
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) grad_input_group<8>(G, n, W, ldw, R, m, gi, j);

@@ -34,6 +34,7 @@ namespace {
 using cpu::acc_t;
 using cpu::bf16_t;
 using cpu::f16_t;
+using cpu::GradStore;
 using cpu::kDotTileQ;
 
 // The storage tag of a c10 scalar type (same bits), so kernels need no torch header.
@@ -82,6 +83,15 @@ void advise_huge_pages(const at::Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+// How the backward writes grad_W: adds for accumulation; non-temporal stores only for a
+// grad_W larger than half the last-level cache (a cached one is read again soon, by
+// AccumulateGrad or the optimizer).
+GradStore grad_store(const at::Tensor& gw, bool accumulate) {
+  if (accumulate) return GradStore::kAdd;
+  return int64_t(gw.nbytes()) >= cpu::grad_stream_min_bytes() ? GradStore::kStream
+                                                              : GradStore::kStore;
 }
 
 at::ScalarType acc_dtype(at::ScalarType t) {
@@ -170,6 +180,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     return;
   }
   auto acc_opts = g2d.options().dtype(acc_dtype(g2d.scalar_type()));
+  const GradStore store = gw.defined() ? grad_store(gw, accumulate) : GradStore::kStore;
   if (R <= kFewRows) {
     // One pass over W: each chunk of W rows writes its rows of grad_W and adds its share of
     // G·W into a private float partial; partials are summed in chunk order (deterministic for
@@ -192,8 +203,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
         const int64_t j0 = std::min(n, (groups * c / nchunks) * 4);
         const int64_t j1 = std::min(n, (groups * (c + 1) / nchunks) * 4);
         A_t* part = gi.defined() ? ptr<A_t>(partial) + c * R * m : nullptr;
-        fn(ptr<A_t>(g), n, ptr<A_t>(x), ptr<T>(w), m, R, m, ptr<O>(gw), m, accumulate, part, j0,
-           j1);
+        fn(ptr<A_t>(g), n, ptr<A_t>(x), ptr<T>(w), m, R, m, ptr<O>(gw), m, store, part, j0, j1);
       }
     });
     if (gi.defined()) {
@@ -218,8 +228,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
         ~StoreFence() { _mm_sfence(); }
       } fence;
 #endif
-      fn(ptr<A_t>(gt), 1, R, ptr<A_t>(x), R, m, ptr<O>(gw), m, accumulate, g0 * 4,
-         std::min(n, g1 * 4));
+      fn(ptr<A_t>(gt), 1, R, ptr<A_t>(x), R, m, ptr<O>(gw), m, store, g0 * 4, std::min(n, g1 * 4));
     });
   }
   // grad_input = G·W, with W read in place as the transposed operand (no copy of W).
