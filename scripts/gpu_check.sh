@@ -40,7 +40,11 @@
 #                       GPU, or "Device not supported" is reported as skipped (exit 77)
 #   memcheck, racecheck, initcheck   one sanitizer tool alone (for a rerun)
 #   big       ~1 min    the >2^31-element test alone (4 cases, a 4.3 GB bf16 weight each)
-#   all       = build+smoke+bench+sweep+tests+compile+sanitize+big (longer than one call)
+#   dp        ~1-2 min  python -m torchmatgrad bench --case dp: the DP-SGD step of a GPT-2-small
+#                       stack (12 blocks, B = 32, T = 128, 512, 1024), non-private vs ours vs
+#                       Opacus hooks/ghost (issue #12); writes dp.json. The device image has no
+#                       Opacus: its wheel in .whl/ (carried) is installed to /tmp/tmg-site first
+#   all       = build+smoke+bench+sweep+tests+compile+sanitize+big+dp (longer than one call)
 #
 # GPU runbook (15 minutes of device time in all, start-up and idle included; one call <= 600 s;
 # a machine goes back 30 s after a call and none starts with under 4 minutes left, so plan two
@@ -107,8 +111,8 @@ DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 DRY_RUN="${DRY_RUN:-0}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-STAGES=(build smoke bench sweep tests compile sanitize memcheck racecheck initcheck big)
-ALL=(build smoke bench sweep tests compile sanitize big)
+STAGES=(build smoke bench sweep tests compile sanitize memcheck racecheck initcheck big dp)
+ALL=(build smoke bench sweep tests compile sanitize big dp)
 SAN_UNSUPPORTED=""
 
 usage() {
@@ -311,6 +315,29 @@ run_sanitizer() {
 
 export PY DEVICE SAN_UNSUPPORTED TEST_WORKERS
 export -f have_gpu do_build sanitize_tool pytest_args run_pytest
+
+# Opacus for the dp stage: the device image lacks it; its wheel travels in .whl/ (ignored by
+# git, named in the device tool's carry; `pip download --no-deps opacus==1.6.0 -d .whl`).
+dp_opacus() {
+  "$PY" -c 'import opacus' 2>/dev/null && return 0
+  compgen -G "$ROOT/.whl/opacus-*.whl" >/dev/null || {
+    echo "no Opacus and no .whl/opacus-*.whl: the Opacus variants are skipped"
+    return 0
+  }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/tmg-site \
+    "$ROOT"/.whl/opacus-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/tmg-site"
+}
+
+stage_dp() {
+  local args=(--device "$DEVICE" --case dp --out "$RESULTS" --name dp --no-plot --no-progress)
+  if [ "$DEVICE" = cpu ]; then
+    args+=(--B 2 --T 8 --blocks 1 --reps 2 --max-time 0.2)
+  else
+    args+=(--max-time 2)
+  fi
+  [ "$DRY_RUN" = 1 ] || dp_opacus >>"$LOG" 2>&1
+  step dp 240 "$PY" -m torchmatgrad bench "${args[@]}"
+}
 
 stage_memcheck() { run_sanitizer memcheck; }
 stage_racecheck() { run_sanitizer racecheck; }
