@@ -164,7 +164,7 @@ def test_operator_products_match_autograd(device, dtype, n, m):
     assert opb.shape == (n, n)
     exact(opb.vjp(g), g64, dtype)
     exact(opb.jvp(db), db.double(), dtype)
-    exact(opb.to_dense(), torch.eye(n, dtype=torch.float64), dtype)
+    exact(opb.to_dense(), torch.eye(n, dtype=torch.float64, device=device), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
