@@ -120,6 +120,12 @@ def get_extensions():
     else:
         ext_cls = CppExtension
         print(f"torchmatgrad: building CPU kernels only ({why})", file=sys.stderr)
+    # -lstdc++ before the driver's own libraries: the shared libstdc++ (the one torch uses) even
+    # where the toolchain links it statically by default. Seen on the GPU machine (/opt/gcc g++
+    # 13.3): the extension carried a private static copy of libstdc++ next to the process's shared
+    # one, and number formatting in error messages broke (the shape errors of the CUDA ops
+    # segfaulted; here, simulated with LDFLAGS=-static-libstdc++, "got shape [" came out cut).
+    link_args = ["-fopenmp"] + (["-lstdc++"] if sys.platform.startswith("linux") else [])
     return [
         ext_cls(
             "torchmatgrad._C",
@@ -127,7 +133,7 @@ def get_extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_args,
             py_limited_api=False,
         )
     ]

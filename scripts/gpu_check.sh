@@ -174,6 +174,26 @@ do_build() {
   mkdir -p build && "$PY" -m scripts.gpu_env --stamp >build/gpu_check.stamp
 }
 
+# The extension must use the process's shared libstdc++: a private static copy beside it broke
+# number formatting in error messages on the first GPU run (2026-11-26: /opt/gcc's g++ linked
+# libstdc++.a; the CUDA ops' shape errors segfaulted). setup.py links -lstdc++ for that.
+check_libstdcxx() {
+  local so
+  command -v readelf >/dev/null || {
+    echo "skipped: readelf not found"
+    return 77
+  }
+  so="$("$PY" -c 'import importlib.util as u; print(u.find_spec("torchmatgrad._C").origin)')" ||
+    return 1
+  if readelf -d "$so" | grep -q 'NEEDED.*libstdc++'; then
+    echo "libstdc++ linked shared: $(readelf -d "$so" | grep 'NEEDED.*libstdc++' | tr -s ' ')"
+    return 0
+  fi
+  echo "$so links libstdc++ statically (no NEEDED libstdc++.so): a private copy of the C++"
+  echo "runtime beside torch's; error messages that format numbers break. Compiler: $(command -v g++)"
+  return 1
+}
+
 # The extension and its stamp into the results, to carry to a fresh machine.
 keep_build() {
   local so
@@ -200,6 +220,7 @@ stage_build() {
       step build 240 do_build
   fi
   step import-check 60 "$PY" -m scripts.gpu_env --require-cuda
+  step libstdcxx 30 check_libstdcxx
   step kernel-list 60 "$PY" -m scripts.gpu_env --kernels
   [ "$DRY_RUN" = 1 ] || keep_build >>"$LOG" 2>&1
 }
@@ -314,7 +335,7 @@ run_sanitizer() {
 }
 
 export PY DEVICE SAN_UNSUPPORTED TEST_WORKERS
-export -f have_gpu do_build sanitize_tool pytest_args run_pytest
+export -f have_gpu do_build sanitize_tool pytest_args run_pytest check_libstdcxx
 
 # Opacus for the dp stage: the device image lacks it; its wheel travels in .whl/ (ignored by
 # git, named in the device tool's carry; `pip download --no-deps opacus==1.6.0 -d .whl`).
