@@ -206,3 +206,24 @@ def test_cpu_allocation_peak_fallback(monkeypatch):
     ran = []
     assert _compat.cpu_allocation_peak(lambda: ran.append(1)) is None
     assert ran == [1]
+
+
+def test_on_cuda_init_reaches_torch():
+    assert _compat._CUDA_LAZY_CALL is torch.cuda._lazy_call
+
+
+def test_on_cuda_init(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_compat, "_CUDA_LAZY_CALL", calls.append)
+
+    def fn():
+        return None
+
+    assert _compat.on_cuda_init(fn) is True
+    assert calls == [fn]
+
+
+def test_on_cuda_init_fallback(monkeypatch):
+    monkeypatch.setattr(_compat, "_CUDA_LAZY_CALL", None)
+    assert _compat.on_cuda_init(lambda: None) is False
+    assert "torch.cuda._lazy_call" in _compat.missing()

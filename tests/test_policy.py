@@ -301,3 +301,44 @@ def test_tune_from_bench_derives_a_table(tmp_path, capsys):
     assert table.device_kind == "cpu/test" and table.measurements
     assert tune.main(argv) == 2  # no --out
     assert "needs --kind, --source and --out" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("restore_policy")
+def test_cuda_table_is_loaded_when_cuda_initialises(monkeypatch):
+    """Import installs the generic CUDA rule and defers the measured table to CUDA's
+    initialisation (looking up the device's kind needs its capability; importing must not
+    initialise CUDA); at that point the default of the device's kind replaces it."""
+    hooks = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(policy._compat, "on_cuda_init", lambda fn: hooks.append(fn) or True)
+    policy._init()
+    assert policy.installed()["cuda"].source == policy._CUDA_PENDING
+    assert len(hooks) == 1
+    monkeypatch.setattr(policy, "_load_cache", lambda device: None)
+    monkeypatch.setattr(policy, "device_kind", lambda device="cpu": "cuda/sm_90")
+    hooks[0]()  # what CUDA's initialisation runs
+    table = policy.installed()["cuda"]
+    assert table is policy.DEFAULTS["cuda/sm_90"]
+    # the H100 measurement: cuBLAS from 4 rows for a float32 forward at 8192², the kernel at 1
+    assert policy.path("forward", torch.float32, 8192, 8192, 1, "cuda") == "kernel"
+    assert policy.path("forward", torch.float32, 8192, 8192, 16, "cuda") == "vendor"
+
+
+@pytest.mark.usefixtures("restore_policy")
+def test_cuda_table_failure_keeps_the_generic_rule(monkeypatch):
+    pending = policy.installed()["cuda"]
+
+    def broken(device="cpu"):
+        raise RuntimeError("no capability")
+
+    monkeypatch.setattr(policy, "device_kind", broken)
+    monkeypatch.setattr(policy, "_load_cache", lambda device: None)
+    with pytest.warns(UserWarning, match="CUDA path table not loaded .*no capability"):
+        policy._load_cuda()
+    assert policy.installed()["cuda"] is pending
+
+
+def test_import_does_not_initialise_cuda():
+    r = _python("import torch, torchmatgrad; print(torch.cuda.is_initialized())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

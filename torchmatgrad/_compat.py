@@ -34,6 +34,9 @@ _WILL_ENGINE_EXECUTE_NODE: Callable[[Any], bool] | None = getattr(
 _DISPATCH_HAS_KERNEL_FOR_DISPATCH_KEY: Callable[[str, str], bool] | None = getattr(
     torch._C, "_dispatch_has_kernel_for_dispatch_key", None
 )
+# Runs a callable when CUDA initialises (at once if it already has): torch seeds its CUDA
+# generators this way.
+_CUDA_LAZY_CALL: Callable[..., Any] | None = getattr(torch.cuda, "_lazy_call", None)
 # The module whose `_current_level` is the innermost active dual level (-1: none).
 _FORWARD_AD_MODULE: Any = getattr(torch.autograd, "forward_ad", None)
 # Tensor attributes autograd keeps its hooks in (dicts; None or empty when there are none).
@@ -52,6 +55,7 @@ def missing() -> list[str]:
         "torch._C._are_functorch_transforms_active": _ARE_FUNCTORCH_TRANSFORMS_ACTIVE,
         "torch._C._will_engine_execute_node": _WILL_ENGINE_EXECUTE_NODE,
         "torch._C._dispatch_has_kernel_for_dispatch_key": _DISPATCH_HAS_KERNEL_FOR_DISPATCH_KEY,
+        "torch.cuda._lazy_call": _CUDA_LAZY_CALL,
         "torch.autograd.forward_ad._current_level": getattr(
             _FORWARD_AD_MODULE, "_current_level", None
         ),
@@ -69,6 +73,16 @@ def below_autograd() -> contextlib.AbstractContextManager:
     if _AUTO_DISPATCH_BELOW_AUTOGRAD is None:
         return contextlib.nullcontext()
     return _AUTO_DISPATCH_BELOW_AUTOGRAD()
+
+
+def on_cuda_init(fn: Callable[[], Any]) -> bool:
+    """Run ``fn`` when this process initialises CUDA, or now if it already has (so importing
+    torchmatgrad never initialises CUDA: a process that forks workers later must not). Returns
+    False when this torch lacks the hook; the caller then does without."""
+    if _CUDA_LAZY_CALL is None:
+        return False
+    _CUDA_LAZY_CALL(fn)
+    return True
 
 
 def functorch_transforms_active() -> bool:

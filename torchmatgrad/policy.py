@@ -30,12 +30,13 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from . import _C
+from . import _C, _compat
 from ._version import __version__
 
 __all__ = [
@@ -211,7 +212,8 @@ DEFAULTS: dict[str, PathTable] = _load_defaults()
 # CUDA until the first GPU run: the hand-written few-rows kernels (which read W once) for ≤ 16
 # rows, cuBLAS above (the tiled CUDA-core GEMM cannot match tensor cores).
 _CUDA_PENDING = (
-    "not measured yet (no GPU run recorded): the few-rows kernels for ≤ 16 rows, cuBLAS above"
+    "generic rule (CUDA not initialised yet, or no table measured for this device's kind): the "
+    "few-rows kernels for ≤ 16 rows, cuBLAS above"
 )
 
 
@@ -370,12 +372,25 @@ def _init() -> None:
             f"{os.environ['TORCHMATGRAD_PATH']!r}"
         )
     load("cpu")
-    # CUDA: the measured default or the generic rule, until a CUDA tune cache exists (looking
-    # for one must not initialise CUDA in processes that never tuned it).
+    # CUDA: the generic rule until CUDA initialises; then the table of the device's kind (tune
+    # cache, else the measured default, e.g. cuda/sm_90, else the generic rule). Looking the
+    # kind up needs the device's capability, and importing must not initialise CUDA.
     install(dataclasses.replace(generic_table("cuda/*"), source=_CUDA_PENDING), "cuda")
-    if torch.cuda.is_available() and any(cache_dir().glob("policy-cuda-*.json")):
-        load("cuda")
+    if torch.cuda.is_available():
+        _compat.on_cuda_init(_load_cuda)
     _set_forced(env)
+
+
+def _load_cuda() -> None:
+    """Install the CUDA table once CUDA is up. A failure leaves the generic rule in place, with a
+    warning: it must not break CUDA's initialisation."""
+    try:
+        load("cuda")
+    except Exception as e:  # noqa: BLE001 - any failure here keeps the generic table
+        warnings.warn(
+            f"torchmatgrad: CUDA path table not loaded ({e}); the generic rule applies",
+            stacklevel=2,
+        )
 
 
 _init()
