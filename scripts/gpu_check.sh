@@ -18,64 +18,61 @@
 #                     build: the extension (debug info stripped) and its build stamp, to carry
 #                     to a fresh machine instead of building again (see the runbook)
 #
-# Stages (est. on an H100/H200 machine with 16 cores; the step timeouts bound each stage):
-#   build     ~60-70 s  build in place for TORCH_CUDA_ARCH_LIST=9.0 with MAX_JOBS=$(nproc);
+# Stages (measured on the first GPU run, H100 80GB HBM3, 16 cores, 2026-11-26, commit 4c0ff11;
+# the step timeouts bound each stage):
+#   build     104 s     build in place for TORCH_CUDA_ARCH_LIST=9.0 with MAX_JOBS=$(nproc);
 #                       import check (CUDA kernels registered, built for the visible GPU);
-#                       skipped when build/gpu_check.stamp matches the sources (SKIP_BUILD)
-#   smoke     ~20-30 s  scripts/gpu_smoke.py: every kernel path (forced kernel, forced vendor),
+#                       libstdc++ linked shared; skipped when build/gpu_check.stamp matches the
+#                       sources (SKIP_BUILD)
+#   smoke     9 s       scripts/gpu_smoke.py: every kernel path (forced kernel, forced vendor),
 #                       4 dtypes, few-rows/GEMM, vector/scalar loads, masks, accumulation,
 #                       fused and main_grad steps, against float64 references
-#   bench     ~2 min    scripts/gpu_bench.py: the issue's target shapes, torch eager vs
+#   bench     19 s      scripts/gpu_bench.py: the issue's target shapes, torch eager vs
 #                       torchmatgrad default vs forced kernel, fused and main_grad steps;
 #                       writes bench.json and summary.txt (the table comes last in the output)
-#   sweep     ~1-2 min  python -m torchmatgrad tune --device cuda: kernel vs cuBLAS for
+#   sweep     7 s       python -m torchmatgrad tune --device cuda: kernel vs cuBLAS for
 #                       B = 1, 2, 4, 8, 16, 32, 64, 256, 4096 (the CUDA crossover, from numbers)
-#   tests     ~1-2 min  pytest -m "cuda and not slow" -k "not compile" (test_cuda.py on the
+#   tests     92 s      pytest -m "cuda and not slow" -k "not compile" (1080 tests on the
 #                       hand-written kernels; pytest-xdist and pytest-timeout where installed)
-#   compile   ~1-2 min  pytest -m "cuda and not slow" -k compile (torch.compile, CUDA graphs)
-#   sanitize  ~2-4 min  compute-sanitizer memcheck, racecheck, initcheck on gpu_smoke --sanitize
-#                       (small shapes), restricted to torchmatgrad's kernels (--kernel-name
+#   compile   47 s      pytest -m "cuda and not slow" -k compile (torch.compile, CUDA graphs)
+#   sanitize  ~5 min    compute-sanitizer on gpu_smoke --sanitize (small shapes): memcheck 12 s
+#                       and racecheck 71 s restricted to torchmatgrad's kernels (--kernel-name
 #                       kns=torchmatgrad: every kernel is in namespace torchmatgrad::cuda;
-#                       `python -m scripts.gpu_env --kernels` checks that); a missing tool, no
-#                       GPU, or "Device not supported" is reported as skipped (exit 77)
+#                       `python -m scripts.gpu_env --kernels` checks that); initcheck on every
+#                       kernel (not yet timed that way; with the filter it ran past 150 s on
+#                       false reports); a missing tool, no GPU, or "Device not supported" is
+#                       reported as skipped (exit 77)
 #   memcheck, racecheck, initcheck   one sanitizer tool alone (for a rerun)
-#   big       ~1 min    the >2^31-element test alone (4 cases, a 4.3 GB bf16 weight each)
-#   dp        ~1-2 min  python -m torchmatgrad bench --case dp: the DP-SGD step of a GPT-2-small
+#   big       9 s       the >2^31-element test alone (4 cases, a 4.3 GB bf16 weight each)
+#   dp        74 s      python -m torchmatgrad bench --case dp: the DP-SGD step of a GPT-2-small
 #                       stack (12 blocks, B = 32, T = 128, 512, 1024), non-private vs ours vs
 #                       Opacus hooks/ghost (issue #12); writes dp.json. The device image has no
 #                       Opacus: its wheel in .whl/ (carried) is installed to /tmp/tmg-site first
 #   all       = build+smoke+bench+sweep+tests+compile+sanitize+big+dp (longer than one call)
 #
 # GPU runbook (15 minutes of device time in all, start-up and idle included; one call <= 600 s;
-# a machine goes back 30 s after a call and none starts with under 4 minutes left, so plan two
-# calls, each on a fresh machine (1-2 min to start), and a rerun only on a machine still warm):
+# a machine goes back 30 s after a call and none starts with under 4 minutes left). What worked
+# on the first run: the machine started in ~35 s; the second call was made at once, on the warm
+# machine (no second start-up, no carry); 683 s of device time in all.
 #   0. Here first: `GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh all /tmp/gpu` and
 #      `python -m pytest -q tests/test_gpu_scripts.py` pass; commit; note the short commit.
 #      status() says whether this task has a machine (can_start_another). The device tool
 #      sends the checkout the session started in (not a helper's worktree).
-#   1. run(command="GPU_CHECK_COMMIT=<sha> bash scripts/gpu_check.sh build+smoke+bench+sweep",
-#          timeout_s=420)                        expected ~4 min (+ start-up): build 60-70 s,
-#                                                smoke ~30 s, bench ~1-2 min, sweep ~1-1.5 min
-#      Read status.txt and summary.txt (the end of the output holds both). Copy the returned
-#      _C.cpython-312-x86_64-linux-gnu.so into torchmatgrad/ and build.stamp to
-#      build/gpu_check.stamp here (both paths are ignored by git).
-#   2. run(command="GPU_CHECK_COMMIT=<sha> bash scripts/gpu_check.sh tests+sanitize+big+compile",
-#          carry=["torchmatgrad/_C.cpython-312-x86_64-linux-gnu.so", "build/gpu_check.stamp"],
-#          timeout_s=540)                        expected ~5 min (+ start-up): tests 1-2 min,
-#                                                sanitize 2-3 min, big ~1 min, compile 1-2 min
-#      The stamp matches the sources, so no build (a csrc/ change since call 1, or nothing
-#      carried, makes the build stage run first: ~70 s more).
-#      compile comes last: if the call runs out, only the torch.compile tests are lost.
+#   1. run(command="GPU_CHECK_COMMIT=<sha> bash scripts/gpu_check.sh build+smoke+tests+bench+sweep",
+#          carry=[".whl"], timeout_s=420)        measured ~230 s: build 104, smoke 9, tests 92,
+#                                                bench 19, sweep 7
+#   2. At once, before reading further (the machine waits 30 s):
+#      run(command="GPU_CHECK_COMMIT=<sha> bash scripts/gpu_check.sh sanitize+dp+big+compile",
+#          carry=[".whl"], timeout_s=540)        ~7-8 min; compile last: a cut loses only it.
+#      The build of call 1 is still there (its stamp matches), so no build. On a fresh machine
+#      instead, carry the returned _C.cpython-312-x86_64-linux-gnu.so (into torchmatgrad/) and
+#      build.stamp (as build/gpu_check.stamp) to skip it.
 #   3. A failure fixed: rerun that one stage at once (within 30 s, on the warm machine, e.g.
 #      "SKIP_BUILD=0 bash scripts/gpu_check.sh build+smoke" or "racecheck") only while
 #      status's budget_left_s allows it; then give_back().
-#   In all about 11-12 minutes: two start-ups (1-2 min each), ~4 and ~5 min of stages; the
-#   estimates are from CPU measurements and PERF.md, not yet from a run: if call 1 shows the
-#   stages slower, drop compile (or sweep) from call 2 rather than run past the budget.
 #   Record the run in benchmarks/RESULTS.md (date, card, torch, commit, summary.txt's tables).
 #   The targets were set from H200 numbers: on an H100 the byte floors of the memory-bound
-#   targets lie above them (summary.txt flags each); compare ratios to torch there, and name
-#   kind="nvidia-h200" in call 1 when the verdicts themselves matter.
+#   targets lie above them (summary.txt flags each); compare ratios to torch there.
 #
 # Building on the device (item 2 of the issue), measured on the 2-core CPU machine (torch
 # 2.14.1+cu130, nvcc 13.0, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=1): 250 s in all, the units
@@ -308,7 +305,14 @@ sanitize_tool() {
     return 77
   fi
   log="$(mktemp)"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --kernel-name kns=torchmatgrad \
+  # initcheck tracks which bytes were written by watching the instrumented kernels' stores: with
+  # the filter, everything torch's own kernels write (references, comparison results) reads as
+  # uninitialized when copied to the host (seen on the first GPU run, 2026-11-26: every report was
+  # a cudaMemcpy of torch's results, and the step ran out of time printing them). So initcheck
+  # instruments every kernel; memcheck and racecheck only ours.
+  local filter=(--kernel-name kns=torchmatgrad)
+  [ "$tool" = initcheck ] && filter=()
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" "${filter[@]}" \
     --error-exitcode 99 --print-limit 20 \
     "$PY" -m scripts.gpu_smoke --device cuda --sanitize 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
@@ -327,8 +331,10 @@ run_sanitizer() {
     step "$tool" 10 sanitize_tool "$tool"
     return
   fi
-  WHAT="PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --kernel-name kns=torchmatgrad --error-exitcode 99 --print-limit 20 $PY -m scripts.gpu_smoke --device cuda --sanitize" \
-    step "$tool" 150 sanitize_tool "$tool"
+  local filter="--kernel-name kns=torchmatgrad " limit=150
+  [ "$tool" = initcheck ] && filter="" && limit=270
+  WHAT="PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool $filter--error-exitcode 99 --print-limit 20 $PY -m scripts.gpu_smoke --device cuda --sanitize" \
+    step "$tool" "$limit" sanitize_tool "$tool"
   # "Device not supported" once means it for every tool: skip the others at once.
   tail -1 "$STATUS" | grep -q "Device not supported" && export SAN_UNSUPPORTED=1
   return 0

@@ -323,8 +323,11 @@ def test_check_dry_run_lists_every_step(tmp_path):
     cmd = dict(steps)
     assert "TORCH_CUDA_ARCH_LIST=9.0" in cmd["build"] and "MAX_JOBS=" in cmd["build"]
     assert "-m scripts.gpu_smoke --device cuda" in cmd["smoke"]  # a module: repo on the path
-    for tool in ("memcheck", "racecheck", "initcheck"):
+    for tool in ("memcheck", "racecheck"):
         assert f"--tool {tool} --kernel-name kns=torchmatgrad" in cmd[tool]
+    # initcheck sees torch's kernels too: what they write would read as uninitialized otherwise
+    assert "--tool initcheck --error-exitcode" in cmd["initcheck"]
+    for tool in ("memcheck", "racecheck", "initcheck"):
         assert "-m scripts.gpu_smoke --device cuda --sanitize" in cmd[tool]
     assert "not\\ compile" in cmd["tests"] and "over_2_31" in cmd["big"]
     assert "--rows 1 2 4 8 16 32 64 256 4096" in cmd["sweep"]
