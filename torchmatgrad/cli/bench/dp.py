@@ -21,9 +21,9 @@ finds the allocator's memory returned to the system: on the 2-core VM, interleav
 with Opacus's B·n·m-sized buffers made every variant 4-5 times slower than in a training loop).
 Memory: the peak of the bytes held by
 torch's allocator during one step (the parameters, inputs and targets included; on CPU from the
-profiler's allocation events, on CUDA ``max_memory_allocated``). A check step with noise 0
-compares the three DP gradients (they must agree to rounding). Opacus variants are skipped when
-Opacus is not installed.
+profiler's allocation events, on CUDA ``max_memory_allocated`` less what the device held before
+the step). A check step with noise 0 compares the three DP gradients (they must agree to
+rounding). Opacus variants are skipped when Opacus is not installed.
 """
 
 from __future__ import annotations
@@ -188,13 +188,17 @@ def _peak_bytes(device: torch.device, clear, step, model, x, y) -> int | None:
     """Peak bytes held during one step, parameters and inputs included (None: not measurable
     with this torch)."""
     clear()
+    base = _held_bytes(model, x, y)
     if device.type == "cuda":
+        # What the step allocates on top of what the device held before it (the other variants'
+        # models and buffers included, so they are subtracted): the first GPU run reported the
+        # device-wide peak, other variants' retained buffers in it.
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    base = _held_bytes(model, x, y)
+        return base + torch.cuda.max_memory_allocated(device) - before
     peak = _compat.cpu_allocation_peak(step)
     return None if peak is None else base + peak
 
@@ -387,8 +391,8 @@ def _main(args) -> int:
         },
         "notes": "median of single steps, variants interleaved; peak: bytes held by torch's "
         "allocator during one step, parameters and inputs included (CPU: profiler allocation "
-        "events; CUDA: max_memory_allocated); Δgrad: max |grad - torchmatgrad's| / max |grad| "
-        "with noise 0",
+        "events; CUDA: max_memory_allocated less what the device held before the step); Δgrad: "
+        "max |grad - torchmatgrad's| / max |grad| with noise 0",
         "machine": meta,
         "rows": [
             {
