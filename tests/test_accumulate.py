@@ -14,6 +14,13 @@ from torchmatgrad.nn import Linear, set_grad_accumulation
 from torchmatgrad.testing import OpLog, assert_close, rand
 
 
+@pytest.fixture(autouse=True)
+def fuse_small_cpu_weights(monkeypatch):
+    """The tests here use small weights; on CPU those run unfused by default (the size
+    threshold has tests of its own below)."""
+    monkeypatch.setattr(accumulate, "FUSE_MIN_ELEMENTS_CPU", 0)
+
+
 def pair(dtype, bias=True, device="cpu", mode="fused", n=29, m=37):
     torch.manual_seed(0)
     ref = torch.nn.Linear(m, n, bias=bias, device=device, dtype=dtype)
@@ -194,3 +201,43 @@ def test_autograd_grad_and_inputs_leave_grad_alone():
     torch.testing.assert_close(gw, gw_ref)
     ours(x).square().sum().backward(inputs=[x])
     torch.testing.assert_close(ours.weight.grad, before)
+
+
+@pytest.mark.parametrize("n,m,fuses", [(29, 37, False), (1024, 1024, True), (1, 1 << 20, True)])
+def test_small_cpu_weights_run_unfused(monkeypatch, n, m, fuses):
+    """Below FUSE_MIN_ELEMENTS_CPU a "fused" CPU call takes the op's C++ autograd (the Python
+    autograd.Function costs more than the passes fusion saves); same gradient, same buffer."""
+    monkeypatch.setattr(accumulate, "FUSE_MIN_ELEMENTS_CPU", 1 << 20)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(m, n, bias=False)
+    ours = Linear(m, n, bias=False, grad_accumulation="fused")
+    ours.load_state_dict(ref.state_dict())
+    micro_batches(ref, ours, 1, (2,), torch.float32, m=m)  # creates .grad
+    buf = ours.weight.grad
+    x = rand(2, m)
+    y = ours(x)
+    assert ("LinearFunction" in type(y.grad_fn).__name__) is fuses, type(y.grad_fn).__name__
+    with OpLog() as log:
+        y.square().sum().backward()
+    fused_op = "torchmatgrad.linear_backward_accumulate_" in log.names
+    assert fused_op is fuses
+    ref(x).square().sum().backward()
+    assert ours.weight.grad is buf
+    assert_close(ours.weight.grad, ref.weight.grad, k=m + 4, what="accumulated gradient")
+
+
+def test_small_weight_threshold_keeps_main_grad():
+    """main_grad changes where the gradient goes, so it never falls back for size."""
+    assert accumulate.FUSE_MIN_ELEMENTS_CPU == 0  # this module's fixture
+    w = torch.nn.Parameter(rand(3, 4))
+    assert accumulate.fuses_here(w, "main_grad")
+    assert not accumulate.fuses_here(w, "unfused")
+
+
+def test_fuse_threshold_default(monkeypatch):
+    monkeypatch.undo()
+    assert accumulate.FUSE_MIN_ELEMENTS_CPU == 1 << 20
+    small = torch.nn.Parameter(rand(3, 4))
+    big = torch.nn.Parameter(torch.empty(1024, 1024))
+    assert not accumulate.fuses_here(small, "fused") and accumulate.fuses_here(big, "fused")
+    assert accumulate.fuses_here(small, "main_grad")

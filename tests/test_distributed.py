@@ -24,6 +24,8 @@ def _ddp(rank: int, world: int) -> None:
 
     import torchmatgrad
 
+    # the layers here are small: fuse them anyway (the CPU size threshold would run them unfused)
+    torchmatgrad.accumulate.FUSE_MIN_ELEMENTS_CPU = 0
     torch.manual_seed(100 + rank)  # different data on each rank
     data = [torch.randn(4, 6) for _ in range(6)]
     ref = DDP(_model(torch.nn.Linear))

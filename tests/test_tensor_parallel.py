@@ -311,6 +311,7 @@ def check_fused_accumulation(rank, world):
     (warned once) and the ordinary backward gives nn.Linear's results over micro-batches."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    torchmatgrad.accumulate.FUSE_MIN_ELEMENTS_CPU = 0  # small layers: try to fuse them anyway
     for mode in ("fused", "main_grad"):
         torchmatgrad.accumulate._warned.clear()
         with warnings.catch_warnings(record=True) as caught:
@@ -335,6 +336,7 @@ def check_fused_accumulation_on_shards(rank, world):
     accumulate = torchmatgrad.accumulate
     world_size = accumulate._distributed_world
     accumulate._distributed_world = lambda: 1
+    accumulate.FUSE_MIN_ELEMENTS_CPU = 0  # small layers: fuse them anyway
     accumulate._warned.clear()
     try:
         with warnings.catch_warnings():

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 from ._compat import below_autograd, forward_ad_active, functorch_transforms_active
-from .accumulate import check_mode, fused_weight_backward
+from .accumulate import check_mode, fused_weight_backward, fuses_here
 
 _ops = torch.ops.torchmatgrad
 _linear_op = _ops.linear.default
@@ -488,6 +488,8 @@ def linear(
         # Dynamo cannot trace an autograd.Function with a custom jvp; the op carries the same
         # backward (its C++ autograd) and its fake kernel.
         return _linear_op(input, weight, bias)
+    if grad_accumulation != "unfused" and not fuses_here(weight, check_mode(grad_accumulation)):
+        grad_accumulation = "unfused"  # a small CPU weight: see accumulate.FUSE_MIN_ELEMENTS_CPU
     if (
         grad_accumulation == "unfused"
         and not functorch_transforms_active()
