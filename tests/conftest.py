@@ -65,3 +65,13 @@ def pytest_collection_modifyitems(config, items):
             "tests with a CUDA device parameter must carry pytest.mark.cuda (use "
             "conftest.DEVICES or CUDA_MARKS): " + ", ".join(unmarked[:10])
         )
+
+
+@pytest.fixture(autouse=True)
+def fuse_small_cpu_weights(monkeypatch):
+    """The tests use small layers; on CPU a "fused" call with a weight under
+    accumulate.FUSE_MIN_ELEMENTS_CPU runs unfused by default, so every test lowers it to 0 to
+    exercise fusion (test_accumulate.py tests the threshold itself)."""
+    from torchmatgrad import accumulate
+
+    monkeypatch.setattr(accumulate, "FUSE_MIN_ELEMENTS_CPU", 0)

@@ -14,13 +14,6 @@ from torchmatgrad.nn import Linear, set_grad_accumulation
 from torchmatgrad.testing import OpLog, assert_close, rand
 
 
-@pytest.fixture(autouse=True)
-def fuse_small_cpu_weights(monkeypatch):
-    """The tests here use small weights; on CPU those run unfused by default (the size
-    threshold has tests of its own below)."""
-    monkeypatch.setattr(accumulate, "FUSE_MIN_ELEMENTS_CPU", 0)
-
-
 def pair(dtype, bias=True, device="cpu", mode="fused", n=29, m=37):
     torch.manual_seed(0)
     ref = torch.nn.Linear(m, n, bias=bias, device=device, dtype=dtype)
@@ -228,7 +221,7 @@ def test_small_cpu_weights_run_unfused(monkeypatch, n, m, fuses):
 
 def test_small_weight_threshold_keeps_main_grad():
     """main_grad changes where the gradient goes, so it never falls back for size."""
-    assert accumulate.FUSE_MIN_ELEMENTS_CPU == 0  # this module's fixture
+    assert accumulate.FUSE_MIN_ELEMENTS_CPU == 0  # conftest's fixture
     w = torch.nn.Parameter(rand(3, 4))
     assert accumulate.fuses_here(w, "main_grad")
     assert not accumulate.fuses_here(w, "unfused")
