@@ -29,6 +29,26 @@ def _round(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def forward_fn(module, x):
+    """One forward call under no_grad."""
+
+    def f():
+        with torch.no_grad():
+            module(x)
+
+    return f
+
+
+def step_fn(module, xg):
+    """One forward + backward call, every .grad None before it."""
+
+    def f():
+        module.weight.grad = module.bias.grad = xg.grad = None
+        module(xg).sum().backward()
+
+    return f
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
@@ -41,23 +61,11 @@ def main() -> int:
         ours.load_state_dict(ref.state_dict())
         x = torch.randn(b, n)
         xg = x.clone().requires_grad_()
-
-        def forward(m, x=x):
-            def f():
-                with torch.no_grad():
-                    m(x)
-
-            return f
-
-        def step(m, xg=xg):
-            def f():
-                m.weight.grad = m.bias.grad = xg.grad = None
-                m(xg).sum().backward()
-
-            return f
-
-        for case, make in (("forward, no_grad", forward), ("forward + backward", step)):
-            fns = {"torch": make(ref), "torchmatgrad": make(ours)}
+        for case, make, arg in (
+            ("forward, no_grad", forward_fn, x),
+            ("forward + backward", step_fn, xg),
+        ):
+            fns = {"torch": make(ref, arg), "torchmatgrad": make(ours, arg)}
             for fn in fns.values():
                 _round(fn, CALLS)  # warm-up
             best = dict.fromkeys(fns, float("inf"))

@@ -14,9 +14,9 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
+from per_call import _round, forward_fn, step_fn  # benchmarks/ (the script's folder)
 
 import torchmatgrad
 from torchmatgrad import policy
@@ -34,13 +34,6 @@ SHAPES = [
 ]
 ROWS = [1, 8, 64, 512]
 ROUNDS = 7
-
-
-def _round(fn, calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls
 
 
 def _calls(fn, budget_s: float = 0.05) -> int:
@@ -64,26 +57,11 @@ def main() -> int:
         for b in row_counts:
             x = torch.randn(b, m)
             xg = x.clone().requires_grad_()
-
-            def forward(mod, x=x):
-                def f():
-                    with torch.no_grad():
-                        mod(x)
-
-                return f
-
-            def step(mod, xg=xg):
-                def f():
-                    mod.weight.grad = mod.bias.grad = xg.grad = None
-                    mod(xg).sum().backward()
-
-                return f
-
-            for case, make, ops_ in (
-                ("fwd", forward, ("forward",)),
-                ("fwdbwd", step, ("forward", "backward")),
+            for case, make, arg, ops_ in (
+                ("fwd", forward_fn, x, ("forward",)),
+                ("fwdbwd", step_fn, xg, ("forward", "backward")),
             ):
-                fns = {"torch": make(ref), "torchmatgrad": make(ours)}
+                fns = {"torch": make(ref, arg), "torchmatgrad": make(ours, arg)}
                 calls = _calls(fns["torch"])
                 for fn in fns.values():
                     _round(fn, calls)  # warm-up
