@@ -76,6 +76,40 @@ def test_backward_large_grad_weight(rows):
     assert_close(acc, expect_acc, k=rows + 1, what="accumulated")
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_every_row_tail(device, dtype, rows):
+    """Every length of a row's last partial vector (1 to 2 vectors of 64 bytes plus 1: the
+    masked ends of the CPU kernels, for 8- to 64-lane vectors), forward, backward and the
+    accumulating backward (whose masked ends read and write grad_W), on the hand-written
+    kernels; outputs poisoned first. n = 6 covers a group of 4 W rows and a lone one."""
+    from torchmatgrad import policy
+
+    n = 6
+    for m in range(1, 34):
+        x, w, b, g = (
+            rand(rows, m, device=device, dtype=dtype),
+            rand(n, m, device=device, dtype=dtype),
+            rand(n, device=device, dtype=dtype),
+            rand(rows, n, device=device, dtype=dtype),
+        )
+        acc = rand(n, m, device=device, dtype=dtype)
+        X, W, G = x.double(), w.double(), g.double()
+        expect_acc = acc.double() + G.t() @ X
+        with policy.force_path("kernel"):
+            poison_allocator((rows, n), dtype, device)
+            y = ops.linear(x, w, b)
+            poison_allocator((n, m), dtype, device)
+            gi, gw, _ = ops.linear_backward(g, x, w, [True, True, False])
+            ops.linear_backward_accumulate_(g, x, w, acc, [False, False])
+        what = f"m={m}"
+        assert_close(
+            y, F.linear(X, W, b.double()), k=m, peers=[F.linear(x, w, b)], what=f"forward {what}"
+        )
+        assert_close(gi, G @ W, k=n, peers=[g @ w], what=f"grad_input {what}")
+        assert_close(gw, G.t() @ X, k=rows, peers=[g.t() @ x], what=f"grad_weight {what}")
+        assert_close(acc, expect_acc, k=rows + 1, peers=[acc], what=f"accumulated {what}")
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize(
     "mask", [[True, False, False], [False, True, False], [False, False, True], [True, True, False]]
