@@ -263,6 +263,18 @@ def test_derive_table_generalises_from_measured_points():
     lone = [dict(pts[0], rows=r, vendor_ms=v) for r, v in ((1, 2.0), (2, 0.5), (4, 2.0))]
     smoothed = tune.derive_table("test", "unit", lone)
     assert smoothed.path("forward", "float32", 256, 256, 2) == "kernel"
+    # A size bucket keeps the kernel only where the bucket below (its lower edge) chose it
+    # too: 1024² won on the kernel at 64 rows, 512² (measured) did not, so a 768² layer, in
+    # 1024²'s bucket, takes the vendor route; at 16 rows both won and it keeps the kernel.
+    edges = [
+        dict(pts[0], n=n, m=n, rows=r, vendor_ms=v)
+        for n, r, v in ((512, 16, 2.0), (512, 64, 0.5), (1024, 16, 2.0), (1024, 64, 1.0))
+    ]
+    bracketed = tune.derive_table("test", "unit", edges)
+    assert bracketed.path("forward", "float32", 1024, 1024, 64) == "vendor"
+    assert bracketed.path("forward", "float32", 768, 768, 64) == "vendor"
+    assert bracketed.path("forward", "float32", 768, 768, 16) == "kernel"
+    assert bracketed.path("forward", "float32", 2048, 2048, 16) == "kernel"
     # A tie (within the margin) stays on the kernel.
     tie = [dict(pts[0], kernel_ms=1.0, vendor_ms=0.99)]
     assert (
