@@ -5,7 +5,9 @@ the hand-written kernel and on the vendor route (ATen mm/addmm) at growing row c
 interleaved call by call on the same inputs (weights rotated past the last-level cache), and
 takes the vendor route only where it was faster (medians of single calls: the typical cost,
 allocator and page-fault effects included, which a minimum would hide). Row counts stop early
-once the vendor route has won clearly twice in a row (compute-bound from there on). Every
+once the vendor route has won clearly twice in a row from 128 rows on (compute-bound from
+there on; below, MKL's speed is not monotonic in the rows: at 512² it won at 4 and 8 rows and
+lost at 16 and 32 by 1.5-2.3×). Every
 (size bucket, rows bucket) then takes the decision of the nearest measured point, so the
 table covers shapes that were not measured (rectangular layers, other widths). The result is
 written to the cache the policy reads at import (``torchmatgrad.policy.cache_file()``) and
@@ -51,9 +53,12 @@ GRIDS = {
         "cuda": ((1024, 4096), (1, 4, 16, 64), ("float32", "bfloat16")),
     },
 }
-#: After two consecutive rows where the vendor route wins by this much, larger rows are
-#: not measured (the vendor route is kept for them).
+#: After two consecutive rows, of at least STOP_FROM_ROWS, where the vendor route wins by this
+#: much, larger rows are not measured (the vendor route is kept for them).
 CLEAR_WIN = 0.15
+STOP_FROM_ROWS = 128
+#: Two times within this fraction of each other are a tie for smoothing (_smoothed).
+NOISE = 0.1
 MAX_COPIES = 64
 _ops = torch.ops.torchmatgrad
 
@@ -145,7 +150,7 @@ def measure(
                 continue
             k, v = time_point(op, device, dtype, n, rows, reps, max_time)
             out.append(dict(point, kernel_ms=round(k, 5), vendor_ms=round(v, 5)))
-            clear = clear + 1 if v < (1 - CLEAR_WIN) * k else 0
+            clear = clear + 1 if rows >= STOP_FROM_ROWS and v < (1 - CLEAR_WIN) * k else 0
             if progress:
                 progress(out[-1])
     return out
@@ -153,8 +158,10 @@ def measure(
 
 def _smoothed(measurements: list[dict]) -> list[str]:
     """The choice at each point, with a lone choice between two opposite ones along the rows of
-    the same (op, dtype, size) flipped to its neighbours' (a median of three): near a crossover
-    the two paths are within noise of each other, and the table should not alternate."""
+    the same (op, dtype, size) flipped to its neighbours' (a median of three) when its own two
+    times are within NOISE of each other: near a crossover the two paths are within noise of
+    each other, and the table should not alternate. A clear loss stays: the AVX-512 kernel at 8
+    rows (half-filled 16-lane vectors) lost 0.70× at 512² between wins at 4 and 16 rows."""
     choices = [policy.choice(p) for p in measurements]
     series: dict[tuple, list[int]] = {}
     for i, p in enumerate(measurements):
@@ -163,7 +170,11 @@ def _smoothed(measurements: list[dict]) -> list[str]:
     for idx in series.values():
         idx.sort(key=lambda i: measurements[i]["rows"])
         for a, b, c in zip(idx, idx[1:], idx[2:], strict=False):
-            if choices[a] == choices[c] != choices[b]:
+            p = measurements[b]
+            close = p.get("inferred") is None and (
+                abs(p["vendor_ms"] - p["kernel_ms"]) <= NOISE * min(p["vendor_ms"], p["kernel_ms"])
+            )
+            if close and choices[a] == choices[c] != choices[b]:
                 out[b] = choices[a]
     return out
 
@@ -173,14 +184,16 @@ def derive_table(
 ) -> policy.PathTable:
     """The full table from measured points: every (op, dtype, size bucket, rows bucket) takes
     the (smoothed) choice of the nearest measured point of that op and dtype in (size bucket,
-    rows bucket) space (ties go to the kernel), and then the vendor route wherever the size
-    bucket below, when it was measured, chose it: a size bucket holds every weight from its
-    lower edge (the bucket below's measured size) to its upper one (its own), so the kernel
-    keeps it only if it won at both ends. Measured at the upper edge alone, the 1024² bucket
+    rows bucket) space (ties go to the kernel); above the few-rows regime (compute-bound, where
+    a smaller layer favours the vendor GEMM) then the vendor route wherever the size bucket
+    below, when it was measured, chose it: a size bucket holds every weight from its lower edge
+    (the bucket below's measured size) to its upper one (its own), so the kernel keeps it only
+    if it won at both ends. Measured at the upper edge alone, the 1024² bucket
     took the kernel at 64 rows (a tie at 1024²) for 512²-768² layers too, where MKL was 1.2-1.7×
     faster (Xeon). A dtype not measured copies its measured sibling (float64 from float32,
     float16 from bfloat16), else keeps ``base`` (the measured default or generic rule for this
     kind of device)."""
+    few = policy.rows_bucket(int(torchmatgrad._C.few_rows))
     by_key: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for p, c in zip(measurements, _smoothed(measurements), strict=True):
         sb, rb = policy.size_bucket(p["n"], p["m"]), policy.rows_bucket(p["rows"])
@@ -195,12 +208,14 @@ def derive_table(
             for s in range(policy.N_SIZES)
         ]
         sizes = {q[0] for q in points}
+        # Above the few rows, the vendor route also where the size bucket below chose it.
+        lower = [
+            [r > few and s - 1 in sizes and nearest[s - 1][r] == "v" for r in range(policy.N_ROWS)]
+            for s in range(policy.N_SIZES)
+        ]
         measured[key] = [
             "".join(
-                "v"
-                if nearest[s][r] == "v" or (s - 1 in sizes and nearest[s - 1][r] == "v")
-                else "k"
-                for r in range(policy.N_ROWS)
+                "v" if nearest[s][r] == "v" or lower[s][r] else "k" for r in range(policy.N_ROWS)
             )
             for s in range(policy.N_SIZES)
         ]
