@@ -21,10 +21,12 @@ from per_call import _round, forward_fn, step_fn  # benchmarks/ (the script's fo
 import torchmatgrad
 from torchmatgrad import policy
 
-#: (name, out_features, in_features): GPT-2 small (d = 768), Llama-7B (4096, MLP 11008),
-#: a vocabulary projection slice, and narrow/odd widths.
+#: (name, out_features, in_features): GPT-2 small (d = 768), Llama-7B (4096, MLP 11008), a
+#: small square layer between the measured sizes, and narrow/odd widths.
 SHAPES = [
     ("gpt2 qkv", 2304, 768),
+    ("gpt2 attn out", 768, 768),
+    ("small mlp", 512, 512),
     ("gpt2 mlp up", 3072, 768),
     ("gpt2 mlp down", 768, 3072),
     ("llama mlp up", 11008, 4096),
