@@ -209,8 +209,9 @@ def _load_defaults() -> dict[str, PathTable]:
 
 DEFAULTS: dict[str, PathTable] = _load_defaults()
 
-# CUDA until the first GPU run: the hand-written few-rows kernels (which read W once) for ≤ 16
-# rows, cuBLAS above (the tiled CUDA-core GEMM cannot match tensor cores).
+# CUDA before its table is installed (CUDA not initialised yet) or on a GPU kind with no measured
+# table: the hand-written few-rows kernels (which read W once) for ≤ 16 rows, cuBLAS above (the
+# tiled CUDA-core GEMM cannot match tensor cores).
 _CUDA_PENDING = (
     "generic rule (CUDA not initialised yet, or no table measured for this device's kind): the "
     "few-rows kernels for ≤ 16 rows, cuBLAS above"
