@@ -49,6 +49,20 @@ def step_fn(module, xg):
     return f
 
 
+def write_json(path: str, rows: list[dict], **meta) -> None:
+    """The rows, with torch's version, the thread count, the machine and the CPU kernels' ISA
+    (and ``meta``), as JSON at ``path``."""
+    meta = dict(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.processor() or platform.machine(),
+        cpu_isa=torchmatgrad._C.cpu_isa,
+        **meta,
+    )
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
@@ -86,14 +100,7 @@ def main() -> int:
                 f"torchmatgrad {row['torchmatgrad_us']:7.1f} µs, {row['ratio']:.2f}× torch's time"
             )
     if args.json:
-        meta = dict(
-            torch=torch.__version__,
-            threads=torch.get_num_threads(),
-            machine=platform.processor() or platform.machine(),
-            cpu_isa=torchmatgrad._C.cpu_isa,
-        )
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_json(args.json, rows)
     return 0
 
 

@@ -11,12 +11,10 @@ counts. Checks that the path policy generalises beyond the shapes it was measure
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 
 import torch
-from per_call import _round, forward_fn, step_fn  # benchmarks/ (the script's folder)
+from per_call import _round, forward_fn, step_fn, write_json  # benchmarks/ (the script's folder)
 
 import torchmatgrad
 from torchmatgrad import policy
@@ -94,15 +92,7 @@ def main() -> int:
     worst = min(rows, key=lambda r: r["speedup"])
     print(f"lowest: {worst['shape']} B={worst['rows']} {worst['case']} {worst['speedup']:.2f}×")
     if args.json:
-        meta = dict(
-            torch=torch.__version__,
-            threads=torch.get_num_threads(),
-            machine=platform.processor() or platform.machine(),
-            cpu_isa=torchmatgrad._C.cpu_isa,
-            table=policy.installed()["cpu"].source,
-        )
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_json(args.json, rows, table=policy.installed()["cpu"].source)
     return 0
 
 

@@ -188,11 +188,11 @@ def derive_table(
     a smaller layer favours the vendor GEMM) then the vendor route wherever the size bucket
     below, when it was measured, chose it: a size bucket holds every weight from its lower edge
     (the bucket below's measured size) to its upper one (its own), so the kernel keeps it only
-    if it won at both ends. Measured at the upper edge alone, the 1024² bucket
-    took the kernel at 64 rows (a tie at 1024²) for 512²-768² layers too, where MKL was 1.2-1.7×
-    faster (Xeon). A dtype not measured copies its measured sibling (float64 from float32,
-    float16 from bfloat16), else keeps ``base`` (the measured default or generic rule for this
-    kind of device)."""
+    if it won at both ends. Measured at the upper edge alone, the 1024² bucket took the kernel
+    at 64 rows (a tie at 1024²) for 512²-768² layers too, where MKL was 1.1-1.7× faster (Xeon).
+    A dtype not measured copies its measured sibling (float64 from float32, float16 from
+    bfloat16), else keeps ``base`` (the measured default or generic rule for this kind of
+    device)."""
     few = policy.rows_bucket(int(torchmatgrad._C.few_rows))
     by_key: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for p, c in zip(measurements, _smoothed(measurements), strict=True):
@@ -209,13 +209,12 @@ def derive_table(
         ]
         sizes = {q[0] for q in points}
         # Above the few rows, the vendor route also where the size bucket below chose it.
-        lower = [
-            [r > few and s - 1 in sizes and nearest[s - 1][r] == "v" for r in range(policy.N_ROWS)]
-            for s in range(policy.N_SIZES)
-        ]
         measured[key] = [
             "".join(
-                "v" if nearest[s][r] == "v" or lower[s][r] else "k" for r in range(policy.N_ROWS)
+                "v"
+                if nearest[s][r] == "v" or (r > few and s - 1 in sizes and nearest[s - 1][r] == "v")
+                else "k"
+                for r in range(policy.N_ROWS)
             )
             for s in range(policy.N_SIZES)
         ]
