@@ -271,3 +271,34 @@ def test_property_random_shapes(n, m, batch, bias, dtype):
     ks = [n, rows, rows][: len(grads)]  # grad_input sums n terms, grad_W and grad_b the rows
     for a, t, r, k in zip(grads, ref_grads, ref64, ks, strict=True):
         assert_close(a, r, k=k, peers=[t], what="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_packed_weight_panels(dtype):
+    """Many blocks of rows, where the CPU kernel packs W into panels: 200 rows (7 blocks of 32
+    with AVX-512, the last of 8 rows; 13 of 16 with AVX2), widths that leave a partial panel
+    and a partial tile (101 rows of W; 1100 columns for grad_input), k longer than one packed
+    stretch (1100 > 1024 float, > 512 double), W read in place and transposed (grad_input),
+    with and without bias; an empty k. Outputs poisoned first."""
+    from torchmatgrad import policy
+
+    rows, n, m = 200, 101, 1100
+    x, w, b, g = (
+        rand(rows, m, dtype=dtype),
+        rand(n, m, dtype=dtype),
+        rand(n, dtype=dtype),
+        rand(rows, n, dtype=dtype),
+    )
+    X, W, G = x.double(), w.double(), g.double()
+    with policy.force_path("kernel"):
+        poison_allocator((rows, n), dtype, "cpu")
+        y = ops.linear(x, w, b)
+        poison_allocator((rows, n), dtype, "cpu")
+        y0 = ops.linear(x, w, None)
+        poison_allocator((rows, m), dtype, "cpu")
+        gi, _, _ = ops.linear_backward(g, x, w, [True, False, False])
+        empty = ops.linear(x[:, :0], w[:, :0], b)
+    assert_close(y, F.linear(X, W, b.double()), k=m, peers=[F.linear(x, w, b)], what="forward")
+    assert_close(y0, X @ W.t(), k=m, peers=[x @ w.t()], what="forward, no bias")
+    assert_close(gi, G @ W, k=n, peers=[g @ w], what="grad_input")
+    torch.testing.assert_close(empty, b.expand(rows, n), rtol=0, atol=0)

@@ -54,6 +54,11 @@ struct Kernels {
   void (*gemm_lanes_tile)(const acc_t<T>* xT, const T* B, int64_t ldq, int64_t ldk, O* C,
                           int64_t ldc, const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1,
                           bool accumulate);
+  // The same for nb consecutive blocks ([nb, K, lanes_block], P rows in all), with W's tile
+  // packed once and reused by every block.
+  void (*gemm_lanes_blocks)(const acc_t<T>* xT, int64_t nb, int64_t P, const T* B, int64_t ldq,
+                            int64_t ldk, O* C, int64_t ldc, const T* bias, int64_t K, int64_t q0,
+                            int64_t q1, bool accumulate);
   // grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :] for j ∈ [j0, j1); G's element (r, j) at
   // G[r·sr + j·sj].
   void (*grad_weight_rows)(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X, int64_t R,
@@ -70,6 +75,10 @@ struct Reductions {
   void (*column_sum)(const T* G, int64_t ldg, int64_t R, int64_t q0, int64_t q1, acc_t<T>* out);
   void (*reduce_partials)(const acc_t<T>* parts, int64_t nparts, int64_t len, int64_t i0,
                           int64_t i1, T* out);
+  // xT [nblocks, K, lanes_block] from P rows of X [P, K] (row stride ldx), the blocks
+  // b ∈ [b0, b1), rows past P zero.
+  void (*pack_lanes)(const acc_t<T>* X, int64_t ldx, int64_t P, int64_t K, acc_t<T>* xT, int64_t b0,
+                     int64_t b1);
 };
 
 struct Table {

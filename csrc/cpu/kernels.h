@@ -406,6 +406,23 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk
     }
 }
 
+// C[p, q0 + i] (=|+=) out[i][p] (+ bias[q0 + i]) for i < rows, p < P: row by row of C, so the
+// stores run along a row (column by column, the P rows a power-of-two stride apart shared one
+// L1 set).
+template <typename A, typename T, typename O>
+inline void store_lanes(const A (*out)[kLanesBlock], int64_t rows, int64_t P, O* C, int64_t ldc,
+                        const T* bias, int64_t q0, bool accumulate) {
+  for (int64_t p = 0; p < P; ++p) {
+    O* c = C + p * ldc + q0;
+    for (int64_t i = 0; i < rows; ++i) {
+      A v = out[i][p];
+      if (bias) v += to_acc(bias[q0 + i]);
+      if (accumulate) v += to_acc(c[i]);
+      c[i] = from_acc<O>(v);
+    }
+  }
+}
+
 template <int PV, bool KCONTIG, typename T, typename O>
 inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O* C, int64_t ldc,
                        const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1,
@@ -434,15 +451,7 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk,
     }
     if (K == 0) break;
   }
-  for (int64_t i = 0; i < q1 - q0; ++i) {
-    const A_t b = bias ? to_acc(bias[q0 + i]) : A_t(0);
-    for (int64_t p = 0; p < P; ++p) {
-      O* c = C + p * ldc + q0 + i;
-      A_t v = out[i][p] + b;
-      if (accumulate) v += to_acc(*c);
-      *c = from_acc<O>(v);
-    }
-  }
+  store_lanes(out, q1 - q0, P, C, ldc, bias, q0, accumulate);
 }
 
 // C[p, q] for the P ≤ kLanesBlock rows of one block of xT and q ∈ [q0, q1); element (q, k) of
@@ -459,6 +468,239 @@ void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O
                                                                 q0, q1, accumulate);
     });
   });
+}
+
+// ---- many blocks of rows: W packed into panels ----------------------------------------------
+//
+// With more than one block of rows, W's tile is packed once per task and reused by every block:
+// panels of kPanelQ rows of W, [k][kPanelQ] widened to the accumulation type, so each step of
+// the micro-tile reads kPanelQ consecutive values of one stream. Read in place, the kPanelQ rows
+// of W are kPanelQ streams a row stride apart; at a power-of-two stride they share one set of
+// the 8-way L1 and evict each other and the cached slice of xT (AVX-512, Xeon (Cascade Lake),
+// 1024² against 1040², 32-row blocks: 75 against 88 GFLOP/s a core), and W read transposed
+// (grad_input) was slower still.
+
+// Rows of W per panel: the accumulators of a full block (kMaxVecs vectors) fill kAccRegs.
+template <typename A>
+constexpr int kPanelQ = kAccRegs / int(kLanesBlock / VecOf<A>::lanes);
+// k per packed stretch: a tile of kLanesTileQ rows packed is 384 KiB (fits a 512 KiB L2).
+template <typename A>
+constexpr int64_t kPanelKS = 393216 / (kLanesTileQ * int64_t(sizeof(A)));
+
+// out[i][:] (=|+=) Σ_{k < kc} xT[k, :]·pw[k][i] for the QR rows of one panel.
+template <int PV, int QR, int U, typename A>
+inline void micro_panel(const A* xT, const A* pw, int64_t kc, A (*out)[kLanesBlock], bool first) {
+  using V = typename VecOf<A>::type;
+  constexpr int64_t N = VecOf<A>::lanes;
+  V acc[U][QR][PV];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < QR; ++i)
+      for (int v = 0; v < PV; ++v) {
+        acc[u][i][v] = V{};
+        if (u == 0 && !first) std::memcpy(&acc[0][i][v], out[i] + v * N, sizeof(V));
+      }
+  auto step = [&](int u, int64_t k) {
+    V a[PV];
+    for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * kLanesBlock + v * N);
+    for (int i = 0; i < QR; ++i) {
+      const A w = pw[k * QR + i];
+      for (int v = 0; v < PV; ++v) acc[u][i][v] += a[v] * w;
+    }
+  };
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4)
+    for (int kk = 0; kk < 4; ++kk) step(kk % U, k + kk);
+  for (; k < kc; ++k) step(0, k);
+  for (int i = 0; i < QR; ++i)
+    for (int v = 0; v < PV; ++v) {
+      V t = acc[0][i][v];
+      for (int u = 1; u < U; ++u) t += acc[u][i][v];
+      std::memcpy(out[i] + v * N, &t, sizeof(V));
+    }
+}
+
+#if TORCHMATGRAD_VEC_BYTES == 64
+// 8 rows of 16 columns, vector r[i] = row i, transposed in registers to d[k·LD + i]: three
+// rounds of two-source shuffles (24 in all, against 128 scalar stores), 2 columns per vector.
+template <int LD>
+inline void transpose_8x16(const f32v (&r)[8], float* d) {
+  typedef int32_t i32v __attribute__((vector_size(64)));
+  // Round 1: rows 2p and 2p+1 interleaved element by element (columns 0-7, then 8-15).
+  f32v s[8];
+  for (int p = 0; p < 4; ++p) {
+    s[2 * p] = __builtin_shuffle(r[2 * p], r[2 * p + 1],
+                                 i32v{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+    s[2 * p + 1] = __builtin_shuffle(
+        r[2 * p], r[2 * p + 1], i32v{8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+  }
+  // Round 2: pairs of rows (0,1)+(2,3) and (4,5)+(6,7), interleaved in 2-element units.
+  f32v u[8];
+  for (int h = 0; h < 2; ++h)      // columns 0-7 or 8-15
+    for (int p = 0; p < 2; ++p) {  // rows 0-3 or 4-7
+      const f32v a = s[4 * p + h], b = s[4 * p + 2 + h];
+      u[4 * h + 2 * p] =
+          __builtin_shuffle(a, b, i32v{0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23});
+      u[4 * h + 2 * p + 1] = __builtin_shuffle(
+          a, b, i32v{8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31});
+    }
+  // Round 3: rows 0-3 and 4-7 joined in 4-element units: each vector is 2 whole columns.
+  for (int h = 0; h < 2; ++h)
+    for (int q = 0; q < 2; ++q) {
+      const f32v a = u[4 * h + q], b = u[4 * h + 2 + q];
+      const f32v c0 =
+          __builtin_shuffle(a, b, i32v{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23});
+      const f32v c1 = __builtin_shuffle(
+          a, b, i32v{8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31});
+      // columns 8h + 4q + {0, 1} and {2, 3}
+      const int64_t j = 8 * h + 4 * q;
+      const float* h0 = reinterpret_cast<const float*>(&c0);
+      const float* h1 = reinterpret_cast<const float*>(&c1);
+      std::memcpy(d + j * LD, h0, 32);
+      std::memcpy(d + (j + 1) * LD, h0 + 8, 32);
+      std::memcpy(d + (j + 2) * LD, h1, 32);
+      std::memcpy(d + (j + 3) * LD, h1 + 8, 32);
+    }
+}
+#endif
+
+// Floats between the starts of two panels: kn·QR and one cache line more, so that panels a
+// power-of-two size apart do not share cache sets.
+template <int QR>
+inline int64_t panel_stride(int64_t kn) {
+  return kn * QR + 16;
+}
+
+// dst[g·panel_stride + (k - k0)·QR + i] = W(g·QR + i, k) widened for k ∈ [k0, k1), zero for
+// the rows g·QR + i ≥ rows; element (q, k) of W at W[q·ldq + k·ldk].
+template <int QR, typename T>
+void pack_panels(const T* W, int64_t ldq, int64_t ldk, int64_t rows, int64_t k0, int64_t k1,
+                 acc_t<T>* dst) {
+  using A_t = acc_t<T>;
+  const int64_t kn = k1 - k0, groups = (rows + QR - 1) / QR, gs = panel_stride<QR>(kn);
+  if (ldk != 1) {
+    // W transposed: column k of the tile is (part of) a row of W. Stretches of 8 columns, so
+    // the rows read and the panel lines written stay in L1 while every panel takes its part.
+    for (int64_t kb = 0; kb < kn; kb += 8) {
+      const int64_t ke = std::min(kn, kb + 8);
+      for (int64_t k = kb; k < ke; ++k) __builtin_prefetch(W + (k0 + k + 16) * ldk);
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t k = kb; k < ke; ++k) {
+          const T* s = W + (k0 + k) * ldk + g * QR * ldq;
+          A_t* d = dst + g * gs + k * QR;
+          for (int64_t i = 0; i < QR; ++i) d[i] = g * QR + i < rows ? to_acc(s[i * ldq]) : A_t(0);
+        }
+    }
+    return;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    A_t* d = dst + g * gs;
+    const int64_t r = std::min<int64_t>(QR, rows - g * QR);
+    const T* w = W + g * QR * ldq;
+    int64_t k = 0;
+#if TORCHMATGRAD_VEC_BYTES == 64
+    if constexpr (QR == 8 && std::is_same_v<A_t, float>) {
+      if (r == QR) {
+        for (; k + 16 <= kn; k += 16) {
+          f32v v[8];
+          for (int i = 0; i < 8; ++i) {
+            __builtin_prefetch(w + i * ldq + k0 + k + 512 / sizeof(T));
+            v[i] = vload(w + i * ldq + k0 + k);
+          }
+          transpose_8x16<QR>(v, d + k * QR);
+        }
+      }
+    }
+#endif
+    for (; k < kn; ++k)
+      for (int64_t i = 0; i < QR; ++i) d[k * QR + i] = i < r ? to_acc(w[i * ldq + k0 + k]) : A_t(0);
+  }
+}
+
+// xT[b][k][p] = X[b·kLanesBlock + p, k] for the blocks b ∈ [b0, b1) of P rows of X, zero for
+// the rows past P: the rows of x (or G) put into the vector lanes, once per call.
+template <typename A>
+void pack_lanes(const A* X, int64_t ldx, int64_t P, int64_t K, A* xT, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    A* d = xT + b * K * kLanesBlock;
+    const A* x = X + b * kLanesBlock * ldx;
+    const int64_t pb = std::min(kLanesBlock, P - b * kLanesBlock);
+    int64_t k = 0;
+#if TORCHMATGRAD_VEC_BYTES == 64
+    if constexpr (std::is_same_v<A, float>) {
+      if (pb == kLanesBlock) {
+        for (; k + 16 <= K; k += 16)
+          for (int64_t p0 = 0; p0 < kLanesBlock; p0 += 8) {
+            f32v v[8];
+            for (int i = 0; i < 8; ++i) v[i] = vload(x + (p0 + i) * ldx + k);
+            transpose_8x16<kLanesBlock>(v, d + k * kLanesBlock + p0);
+          }
+      }
+    }
+#endif
+    // The rest in stretches of 16 columns, each row's stretch read start to end.
+    for (; k < K; k += 16) {
+      const int64_t kn = std::min<int64_t>(16, K - k);
+      for (int64_t p = 0; p < kLanesBlock; ++p)
+        for (int64_t j = 0; j < kn; ++j)
+          d[(k + j) * kLanesBlock + p] = p < pb ? x[p * ldx + k + j] : A(0);
+    }
+  }
+}
+
+template <int PV, typename A>
+inline void panel_rows(const A* xT, const A* pk, int64_t kn, int64_t kc, int64_t groups,
+                       A (*out)[kLanesBlock], bool first) {
+  constexpr int QR = kPanelQ<A>;
+  constexpr int U = PV == 1 ? 2 : 1;
+  for (int64_t k0 = 0; k0 < kn || k0 == 0; k0 += kc) {  // K = 0: the sums are zero
+    const int64_t k1 = std::min(kn, k0 + kc);
+    for (int64_t g = 0; g < groups; ++g)
+      micro_panel<PV, QR, U>(xT + k0 * kLanesBlock, pk + g * panel_stride<QR>(kn) + k0 * QR,
+                             k1 - k0, out + g * QR, first && k0 == 0);
+  }
+}
+
+// C[p, q] for the P rows of nb consecutive blocks of xT ([nb, K, kLanesBlock], rows past P
+// zero) and q ∈ [q0, q1), q1 - q0 ≤ kLanesTileQ; element (q, k) of W at W[q·ldq + k·ldk].
+template <typename T, typename O>
+void gemm_lanes_blocks(const acc_t<T>* xT, int64_t nb, int64_t P, const T* W, int64_t ldq,
+                       int64_t ldk, O* C, int64_t ldc, const T* bias, int64_t K, int64_t q0,
+                       int64_t q1, bool accumulate) {
+  using A_t = acc_t<T>;
+  constexpr int QR = kPanelQ<A_t>;
+  constexpr int64_t N = VecOf<A_t>::lanes;
+  constexpr int kMaxVecs = int(kLanesBlock / N);
+  constexpr int64_t kTileQ = (kLanesTileQ + QR - 1) / QR * QR;
+  const int64_t rows = q1 - q0, groups = (rows + QR - 1) / QR;
+  const int64_t ks = std::min<int64_t>(std::max<int64_t>(K, 1), kPanelKS<A_t>);
+  const int64_t stretches = std::max<int64_t>(1, (K + ks - 1) / ks);
+  // Sums of every block while W is packed in more than one stretch; else of one block at a time.
+  const int64_t nout = stretches > 1 ? nb : 1;
+  // This thread's scratch, kept between calls (a fresh 0.4-1.5 MiB each task would be mapped
+  // and faulted in each time): the packed panels, then the sums.
+  thread_local std::unique_ptr<A_t[]> scratch;
+  thread_local int64_t capacity = 0;
+  const int64_t npack = groups * panel_stride<QR>(ks), need = npack + nout * kTileQ * kLanesBlock;
+  if (need > capacity) {
+    scratch.reset(new A_t[size_t(need)]);
+    capacity = need;
+  }
+  A_t* pack = scratch.get();
+  auto out = reinterpret_cast<A_t(*)[kLanesBlock]>(pack + npack);
+  for (int64_t s = 0; s < stretches; ++s) {
+    const int64_t k0 = s * ks, k1 = std::min(K, k0 + ks);
+    pack_panels<QR>(W + q0 * ldq, ldq, ldk, rows, k0, k1, pack);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t pb = std::min(kLanesBlock, P - b * kLanesBlock);
+      A_t(*o)[kLanesBlock] = out + (nout > 1 ? b : 0) * kTileQ;
+      switch_int<1, kMaxVecs>((pb + N - 1) / N, [&](auto pv) {
+        panel_rows<decltype(pv)::value>(xT + (b * K + k0) * kLanesBlock, pack, k1 - k0, kLanesKC<T>,
+                                        groups, o, s == 0);
+      });
+      if (s + 1 < stretches) continue;
+      store_lanes(o, rows, pb, C + b * kLanesBlock * ldc, ldc, bias, q0, accumulate);
+    }
+  }
 }
 
 // ---- backward for few rows -----------------------------------------------------------------
@@ -614,13 +856,13 @@ void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t
 
 template <typename T, typename O>
 constexpr Kernels<T, O> kernel_set() {
-  return {&gemm_nt_tile<T, O>, &gemm_lanes_tile<T, O>, &grad_weight_rows<T, O>,
-          &backward_rows<T, O>};
+  return {&gemm_nt_tile<T, O>, &gemm_lanes_tile<T, O>, &gemm_lanes_blocks<T, O>,
+          &grad_weight_rows<T, O>, &backward_rows<T, O>};
 }
 
 template <typename T>
 constexpr Reductions<T> reduction_set() {
-  return {&column_sum<T>, &reduce_partials<T>};
+  return {&column_sum<T>, &reduce_partials<T>, &pack_lanes<acc_t<T>>};
 }
 
 inline Table make_table(const char* isa) {
