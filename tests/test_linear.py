@@ -277,19 +277,19 @@ def test_property_random_shapes(n, m, batch, bias, dtype):
 def test_packed_weight_panels(dtype):
     """Many blocks of rows, where the CPU kernel packs W into panels: 200 rows (7 blocks of 32
     with AVX-512, the last of 8 rows; 13 of 16 with AVX2), widths that leave a partial panel
-    and a partial tile (101 rows of W; 1100 columns for grad_input), k longer than one packed
-    stretch (1100 > 1024 float, > 512 double), W read in place and transposed (grad_input),
-    with and without bias; an empty k. Outputs poisoned first."""
+    and a partial tile (101 rows of W; 1100 columns for grad_input and grad_W), k longer than
+    one packed stretch (1100 > 1024 float, > 512 double), W read in place and transposed
+    (grad_input), grad_W as a GEMM (≥ 128 rows; X read transposed), fresh and accumulated (into
+    a float32 main_grad too for 16-bit W), with and without bias; an empty k. Outputs poisoned
+    first."""
     from torchmatgrad import policy
 
     rows, n, m = 200, 101, 1100
-    x, w, b, g = (
-        rand(rows, m, dtype=dtype),
-        rand(n, m, dtype=dtype),
-        rand(n, dtype=dtype),
-        rand(rows, n, dtype=dtype),
-    )
+    x, w, b = rand(rows, m, dtype=dtype), rand(n, m, dtype=dtype), rand(n, dtype=dtype)
+    g = rand(rows, n, dtype=dtype)
     X, W, G = x.double(), w.double(), g.double()
+    accs = [rand(n, m, dtype=dtype)] + ([rand(n, m)] if dtype.itemsize == 2 else [])
+    expect_accs = [a.double() + G.t() @ X for a in accs]
     with policy.force_path("kernel"):
         poison_allocator((rows, n), dtype, "cpu")
         y = ops.linear(x, w, b)
@@ -297,8 +297,15 @@ def test_packed_weight_panels(dtype):
         y0 = ops.linear(x, w, None)
         poison_allocator((rows, m), dtype, "cpu")
         gi, _, _ = ops.linear_backward(g, x, w, [True, False, False])
+        poison_allocator((n, m), dtype, "cpu")
+        _, gw, _ = ops.linear_backward(g, x, w, [False, True, False])
+        for acc in accs:
+            ops.linear_backward_accumulate_(g, x, w, acc, [False, False])
         empty = ops.linear(x[:, :0], w[:, :0], b)
     assert_close(y, F.linear(X, W, b.double()), k=m, peers=[F.linear(x, w, b)], what="forward")
     assert_close(y0, X @ W.t(), k=m, peers=[x @ w.t()], what="forward, no bias")
     assert_close(gi, G @ W, k=n, peers=[g @ w], what="grad_input")
+    assert_close(gw, G.t() @ X, k=rows, peers=[g.t() @ x], what="grad_weight")
+    for acc, expect in zip(accs, expect_accs, strict=True):
+        assert_close(acc, expect, k=rows + 1, peers=[acc], what=f"accumulated {acc.dtype}")
     torch.testing.assert_close(empty, b.expand(rows, n), rtol=0, atol=0)

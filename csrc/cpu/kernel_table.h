@@ -75,10 +75,10 @@ struct Reductions {
   void (*column_sum)(const T* G, int64_t ldg, int64_t R, int64_t q0, int64_t q1, acc_t<T>* out);
   void (*reduce_partials)(const acc_t<T>* parts, int64_t nparts, int64_t len, int64_t i0,
                           int64_t i1, T* out);
-  // xT [nblocks, K, lanes_block] from P rows of X [P, K] (row stride ldx), the blocks
-  // b ∈ [b0, b1), rows past P zero.
-  void (*pack_lanes)(const acc_t<T>* X, int64_t ldx, int64_t P, int64_t K, acc_t<T>* xT, int64_t b0,
-                     int64_t b1);
+  // xT [nblocks, K, lanes_block] from P rows of X [P, K] (element (p, k) at X[p·sp + k·sk]),
+  // the blocks b ∈ [b0, b1), rows past P zero.
+  void (*pack_lanes)(const acc_t<T>* X, int64_t sp, int64_t sk, int64_t P, int64_t K, acc_t<T>* xT,
+                     int64_t b0, int64_t b1);
 };
 
 struct Table {

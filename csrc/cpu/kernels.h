@@ -616,22 +616,30 @@ void pack_panels(const T* W, int64_t ldq, int64_t ldk, int64_t rows, int64_t k0,
   }
 }
 
-// xT[b][k][p] = X[b·kLanesBlock + p, k] for the blocks b ∈ [b0, b1) of P rows of X, zero for
-// the rows past P: the rows of x (or G) put into the vector lanes, once per call.
+// xT[b][k][p] = X(b·kLanesBlock + p, k) for the blocks b ∈ [b0, b1) of P rows of X (element
+// (p, k) at X[p·sp + k·sk]), zero for the rows past P: the rows of x (or G) put into the vector
+// lanes, once per call. sp = 1 (Gᵀ read in place): each k is a contiguous stretch of X.
 template <typename A>
-void pack_lanes(const A* X, int64_t ldx, int64_t P, int64_t K, A* xT, int64_t b0, int64_t b1) {
+void pack_lanes(const A* X, int64_t sp, int64_t sk, int64_t P, int64_t K, A* xT, int64_t b0,
+                int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     A* d = xT + b * K * kLanesBlock;
-    const A* x = X + b * kLanesBlock * ldx;
+    const A* x = X + b * kLanesBlock * sp;
     const int64_t pb = std::min(kLanesBlock, P - b * kLanesBlock);
+    if (sp == 1) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t p = 0; p < kLanesBlock; ++p)
+          d[k * kLanesBlock + p] = p < pb ? x[k * sk + p] : A(0);
+      continue;
+    }
     int64_t k = 0;
 #if TORCHMATGRAD_VEC_BYTES == 64
     if constexpr (std::is_same_v<A, float>) {
-      if (pb == kLanesBlock) {
+      if (pb == kLanesBlock && sk == 1) {
         for (; k + 16 <= K; k += 16)
           for (int64_t p0 = 0; p0 < kLanesBlock; p0 += 8) {
             f32v v[8];
-            for (int i = 0; i < 8; ++i) v[i] = vload(x + (p0 + i) * ldx + k);
+            for (int i = 0; i < 8; ++i) v[i] = vload(x + (p0 + i) * sp + k);
             transpose_8x16<kLanesBlock>(v, d + k * kLanesBlock + p0);
           }
       }
@@ -642,7 +650,7 @@ void pack_lanes(const A* X, int64_t ldx, int64_t P, int64_t K, A* xT, int64_t b0
       const int64_t kn = std::min<int64_t>(16, K - k);
       for (int64_t p = 0; p < kLanesBlock; ++p)
         for (int64_t j = 0; j < kn; ++j)
-          d[(k + j) * kLanesBlock + p] = p < pb ? x[p * ldx + k + j] : A(0);
+          d[(k + j) * kLanesBlock + p] = p < pb ? x[p * sp + (k + j) * sk] : A(0);
     }
   }
 }
