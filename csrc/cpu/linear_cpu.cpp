@@ -252,8 +252,8 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   // grad_W. Below, and for a handful of W rows (which the GEMM's lanes cannot fill), the
   // outer-product kernel, whose groups of 4 grad_W rows each stream all of X: cheaper when X is
   // short, since the GEMM's sums of only R terms are stored one element at a time.
+  auto g = g2d.to(acc_opts).contiguous();  // [R, n]: Gᵀ's element (j, r) at g[j + r·n]
   if (gw.defined() && n > kCpuDotRows && R >= kGradWeightGemmRows) {
-    auto g = g2d.to(acc_opts).contiguous();  // [R, n]: Gᵀ's element (j, r) at g[j + r·n]
     gemm_nt<T, O>(ptr<A_t>(g), 1, ptr<T>(x2d), 1, ptr<O>(gw), m, nullptr, n, m, R, accumulate,
                   acc_opts, /*ldbk=*/m, /*ldak=*/n);
   } else if (gw.defined()) {
@@ -273,7 +273,6 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   }
   // grad_input = G·W, with W read in place as the transposed operand (no copy of W).
   if (gi.defined()) {
-    auto g = g2d.to(acc_opts).contiguous();  // [R, n]
     gemm_nt<T, T>(ptr<A_t>(g), n, ptr<T>(w), 1, ptr<T>(gi), m, nullptr, R, m, n, false, acc_opts,
                   /*ldbk=*/m);
   }
