@@ -391,9 +391,12 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk
     }
   } else {
     // W read transposed (element (q, k) at q + k·ldk): the QR values of a step share a line and
-    // each step moves to the next row of W; fetch 8 rows ahead.
+    // each step moves to the next row of W; fetch 8 rows ahead. A packed panel (ldk = QR, one
+    // stream) needs no help.
+    const bool fetch = ldk > 64;
     for (; k + U <= k1; k += U) {
-      for (int u = 0; u < U; ++u) __builtin_prefetch(W + (k + u + 8) * ldk);
+      if (fetch)
+        for (int u = 0; u < U; ++u) __builtin_prefetch(W + (k + u + 8) * ldk);
       for (int u = 0; u < U; ++u) step(u, k + u);
     }
   }
@@ -486,38 +489,6 @@ constexpr int kPanelQ = kAccRegs / int(kLanesBlock / VecOf<A>::lanes);
 // k per packed stretch: a tile of kLanesTileQ rows packed is 384 KiB (fits a 512 KiB L2).
 template <typename A>
 constexpr int64_t kPanelKS = 393216 / (kLanesTileQ * int64_t(sizeof(A)));
-
-// out[i][:] (=|+=) Σ_{k < kc} xT[k, :]·pw[k][i] for the QR rows of one panel.
-template <int PV, int QR, int U, typename A>
-inline void micro_panel(const A* xT, const A* pw, int64_t kc, A (*out)[kLanesBlock], bool first) {
-  using V = typename VecOf<A>::type;
-  constexpr int64_t N = VecOf<A>::lanes;
-  V acc[U][QR][PV];
-  for (int u = 0; u < U; ++u)
-    for (int i = 0; i < QR; ++i)
-      for (int v = 0; v < PV; ++v) {
-        acc[u][i][v] = V{};
-        if (u == 0 && !first) std::memcpy(&acc[0][i][v], out[i] + v * N, sizeof(V));
-      }
-  auto step = [&](int u, int64_t k) {
-    V a[PV];
-    for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * kLanesBlock + v * N);
-    for (int i = 0; i < QR; ++i) {
-      const A w = pw[k * QR + i];
-      for (int v = 0; v < PV; ++v) acc[u][i][v] += a[v] * w;
-    }
-  };
-  int64_t k = 0;
-  for (; k + 4 <= kc; k += 4)
-    for (int kk = 0; kk < 4; ++kk) step(kk % U, k + kk);
-  for (; k < kc; ++k) step(0, k);
-  for (int i = 0; i < QR; ++i)
-    for (int v = 0; v < PV; ++v) {
-      V t = acc[0][i][v];
-      for (int u = 1; u < U; ++u) t += acc[u][i][v];
-      std::memcpy(out[i] + v * N, &t, sizeof(V));
-    }
-}
 
 #if TORCHMATGRAD_VEC_BYTES == 64
 // 8 rows of 16 columns, vector r[i] = row i, transposed in registers to d[k·LD + i]: three
@@ -663,8 +634,9 @@ inline void panel_rows(const A* xT, const A* pk, int64_t kn, int64_t kc, int64_t
   for (int64_t k0 = 0; k0 < kn || k0 == 0; k0 += kc) {  // K = 0: the sums are zero
     const int64_t k1 = std::min(kn, k0 + kc);
     for (int64_t g = 0; g < groups; ++g)
-      micro_panel<PV, QR, U>(xT + k0 * kLanesBlock, pk + g * panel_stride<QR>(kn) + k0 * QR,
-                             k1 - k0, out + g * QR, first && k0 == 0);
+      // A panel is W transposed with row stride QR: element (i, k) at pk[i + k·QR].
+      micro_lanes<PV, QR, U, false>(xT, pk + g * panel_stride<QR>(kn), 1, QR, k0, k1, out + g * QR,
+                                    first && k0 == 0);
   }
 }
 
