@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -35,7 +37,14 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, body: Body, world: int, port: int, result_dir: str, timeout_s: float):
-    """Start the process group, run body(rank, world), leave ok<rank> or err<rank> behind."""
+    """Start the process group, run body(rank, world), tear the group down, leave ok<rank> or
+    err<rank> behind, and leave without interpreter finalization.
+
+    The exit is os._exit: once the group is destroyed and the result written, nothing of ours
+    is left to check, and letting the interpreter finalize objects that still point at gloo's
+    threads (DDP's reducer holds its process group) has aborted a worker on a loaded 2-core CI
+    machine ("terminate called without an active exception") after every check had passed."""
+    error = None
     try:
         dist.init_process_group(
             "gloo",
@@ -46,13 +55,30 @@ def _worker(rank: int, body: Body, world: int, port: int, result_dir: str, timeo
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         body(rank, world)
-        open(os.path.join(result_dir, f"ok{rank}"), "w").close()
     except Exception:
-        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
+        error = traceback.format_exc()
+    try:
+        gc.collect()  # free DDP reducers and pending work while the group still exists
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()
+    except Exception:
+        error = (error or "") + "while destroying the process group:\n" + traceback.format_exc()
+    name = f"err{rank}" if error else f"ok{rank}"
+    with open(os.path.join(result_dir, name), "w") as f:
+        f.write(error or "")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the result is the file; a nonzero exit means a crash before it
+
+
+def _join(ctx, result_dir: Path, timeout: float) -> bool:
+    """ctx.join, with what every rank left behind when one of them crashed."""
+    try:
+        return ctx.join(timeout=timeout)
+    except mp.ProcessExitedException as e:
+        left = {p.name: p.read_text() for p in sorted(result_dir.glob("*"))}
+        pytest.fail(f"a worker crashed: {e}\nthe ranks left: {left}")
 
 
 def run_workers(body: Body, world: int, result_dir: Path, timeout_s: float = TIMEOUT_S) -> None:
@@ -66,7 +92,7 @@ def run_workers(body: Body, world: int, result_dir: Path, timeout_s: float = TIM
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+    while not _join(ctx, result_dir, max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
