@@ -222,8 +222,12 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     const int64_t groups = (n + 3) / 4;
     const int64_t nchunks = std::max<int64_t>(
         1, std::min<int64_t>({at::get_num_threads(), groups, (n * m) / kMinWeightPerThread}));
+    // One chunk of a float (double) W sums straight into grad_input; partials are zeroed by
+    // the thread that fills them, in its cache.
+    constexpr bool kWideT = std::is_same_v<T, A_t>;
+    const bool direct = kWideT && nchunks == 1;
     at::Tensor partial;
-    if (gi.defined()) partial = at::zeros({nchunks, R, m}, acc_opts);
+    if (gi.defined()) partial = direct ? gi : at::empty({nchunks, R, m}, acc_opts);
     auto fn = kernels<T, O>().backward_rows;
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
 #ifdef TORCHMATGRAD_X86
@@ -235,10 +239,11 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
         const int64_t j0 = std::min(n, (groups * c / nchunks) * 4);
         const int64_t j1 = std::min(n, (groups * (c + 1) / nchunks) * 4);
         A_t* part = gi.defined() ? ptr<A_t>(partial) + c * R * m : nullptr;
+        if (part) std::fill(part, part + R * m, A_t(0));
         fn(ptr<A_t>(g), n, ptr<A_t>(x), ptr<T>(w), m, R, m, ptr<O>(gw), m, store, part, j0, j1);
       }
     });
-    if (gi.defined()) {
+    if (gi.defined() && !direct) {
       auto red = reductions<T>().reduce_partials;
       at::parallel_for(0, R * m, kMinWorkPerThread, [&](int64_t i0, int64_t i1) {
         red(ptr<A_t>(partial), nchunks, R * m, i0, i1, ptr<T>(gi));
