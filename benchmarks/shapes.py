@@ -5,7 +5,7 @@ and forward + backward (``.grad`` None each call), rows of a vector up to a trai
 Timed interleaved in one process: rounds alternate the two peers, the median round per peer
 counts. Checks that the path policy generalises beyond the shapes it was measured on.
 
-    python benchmarks/shapes.py [--json FILE] [--quick]
+    python benchmarks/shapes.py [--json FILE] [--quick] [--steady-heap]
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import argparse
 import statistics
 
 import torch
-from per_call import _round, forward_fn, step_fn, write_json  # benchmarks/ (the script's folder)
+from per_call import (  # benchmarks/ (the script's folder)
+    _round,
+    forward_fn,
+    steady_heap,
+    step_fn,
+    write_json,
+)
 
 import torchmatgrad
 from torchmatgrad import policy
@@ -45,7 +51,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--quick", action="store_true", help="two shapes, two row counts")
+    parser.add_argument(
+        "--steady-heap",
+        action="store_true",
+        help="glibc keeps freed memory (per_call.steady_heap): fresh .grad buffers do not fault",
+    )
     args = parser.parse_args()
+    heap = "steady" if args.steady_heap and steady_heap() else "default"
     shapes = SHAPES[:2] if args.quick else SHAPES
     row_counts = ROWS[:2] if args.quick else ROWS
     rows = []
@@ -92,7 +104,7 @@ def main() -> int:
     worst = min(rows, key=lambda r: r["speedup"])
     print(f"lowest: {worst['shape']} B={worst['rows']} {worst['case']} {worst['speedup']:.2f}×")
     if args.json:
-        write_json(args.json, rows, table=policy.installed()["cpu"].source)
+        write_json(args.json, rows, table=policy.installed()["cpu"].source, heap=heap)
     return 0
 
 
