@@ -262,8 +262,8 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     gemm_nt<T, O>(ptr<A_t>(g), 1, ptr<T>(x2d), 1, ptr<O>(gw), m, nullptr, n, m, R, accumulate,
                   acc_opts, /*ldbk=*/m, /*ldak=*/n);
   } else if (gw.defined()) {
-    auto gt = g2d.t().to(acc_opts).contiguous();  // [n, R]
-    auto x = x2d.to(acc_opts).contiguous();       // [R, m]
+    auto gt = g.t().contiguous();            // [n, R], from the one widened copy
+    auto x = x2d.to(acc_opts).contiguous();  // [R, m]
     auto fn = kernels<T, O>().grad_weight_rows;
     const int64_t groups = (n + 3) / 4;
     const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 4 * R * m));
