@@ -31,6 +31,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/block_cache.h"
 #include "cpu/kernel_table.h"
 #include "eager.h"
 #include "ops.h"
@@ -68,12 +69,16 @@ PyObject* PyInit__C(void) {
     Py_DECREF(module);
     return nullptr;
   }
-  try {  // TORCHMATGRAD_CPU_ISA may name an ISA this CPU lacks: an ImportError, not a crash
+  // TORCHMATGRAD_CPU_ISA may name an ISA this CPU lacks, TORCHMATGRAD_CPU_CACHE_MB may not be
+  // a number: an ImportError, not a crash.
+  try {
     PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu::table().isa);
     PyModule_AddIntConstant(module, "cpu_lanes_block",
                             long(torchmatgrad::cpu::table().lanes_block));
     PyModule_AddIntConstant(module, "cpu_grad_stream_min_bytes",
                             long(torchmatgrad::cpu::grad_stream_min_bytes()));
+    PyModule_AddIntConstant(module, "cpu_cache_limit_bytes",
+                            long(torchmatgrad::cpu::cache_limit_bytes()));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
     Py_DECREF(module);
@@ -110,6 +115,14 @@ TORCH_LIBRARY(torchmatgrad, m) {
   m.def("_per_sample_method(int rows_per_sample, int n, int m) -> str",
         [](int64_t rows, int64_t n, int64_t m) -> std::string {
           return torchmatgrad::norm_method_name(torchmatgrad::cheaper_norm_method(rows, n, m));
+        });
+  // The CPU block cache (cpu/block_cache.h): its free bytes, emptying it, and one of its blocks
+  // (tests poison them).
+  m.def("_cpu_cached_bytes() -> int", &torchmatgrad::cpu::cached_bytes);
+  m.def("_cpu_empty_cache() -> ()", &torchmatgrad::cpu::empty_cache);
+  m.def("_cpu_empty_reused(int[] size, ScalarType dtype) -> Tensor",
+        [](std::vector<int64_t> size, c10::ScalarType dtype) {
+          return torchmatgrad::cpu::empty_reused(size, at::TensorOptions().dtype(dtype));
         });
   // The path policy's controls (policy.h); torchmatgrad/policy.py is their Python face.
   m.def("_set_path_table(str device_type, Tensor vendor) -> ()",

@@ -20,6 +20,15 @@ from . import (
 )
 from ._version import __version__
 from .jacobian import jacobian
-from .ops import linear
+from .ops import cpu_cached_bytes, empty_cache, linear
 
-__all__ = ["jacobian", "linear", "nn", "per_sample", "policy", "__version__"]
+__all__ = [
+    "cpu_cached_bytes",
+    "empty_cache",
+    "jacobian",
+    "linear",
+    "nn",
+    "per_sample",
+    "policy",
+    "__version__",
+]

@@ -516,3 +516,22 @@ def linear(
     if grad_accumulation == "unfused":
         return _LinearFunction.apply(input, weight, bias)
     return _LinearFunction.apply(input, weight, bias, grad_accumulation)
+
+
+# ---- the CPU block cache (csrc/cpu/block_cache.h) ------------------------------------------
+
+
+def cpu_cached_bytes() -> int:
+    """Bytes of freed CPU gradient blocks that torchmatgrad keeps for reuse.
+
+    A fresh grad_W of at least 1 MiB comes from these blocks (and goes back to them when the
+    tensor dies), so the next backward finds its pages already mapped instead of faulting them
+    in again, as CUDA's caching allocator does. At most ``TORCHMATGRAD_CPU_CACHE_MB`` MiB
+    (default 1024; 0: no cache) are kept; :func:`empty_cache` gives them back."""
+    return int(_ops._cpu_cached_bytes())
+
+
+def empty_cache() -> None:
+    """Give every free block of the CPU block cache back to the system (see
+    :func:`cpu_cached_bytes`); blocks in use go back when their tensors die."""
+    _ops._cpu_empty_cache()

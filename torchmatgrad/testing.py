@@ -216,9 +216,13 @@ def rand(
 def poison_allocator(shape, dtype: torch.dtype, device: str | torch.device) -> None:
     """Leave a NaN-filled freed block of this size behind, so an output allocated right after
     is likely to start as NaN (certain with CUDA's caching allocator): unwritten elements then
-    show up as NaN instead of an innocent-looking zero."""
+    show up as NaN instead of an innocent-looking zero. On the CPU the block cache that large
+    gradients come from (csrc/cpu/block_cache.h) is poisoned too."""
     t = torch.full(shape, float("nan"), dtype=dtype, device=device)
     del t
+    if torch.device(device).type == "cpu":
+        t = torch.ops.torchmatgrad._cpu_empty_reused(list(shape), dtype).fill_(float("nan"))
+        del t
 
 
 def linear_inputs(

@@ -16,11 +16,8 @@
 
 #include "../ops.h"
 #include "../vendor.h"
+#include "block_cache.h"
 #include "kernel_table.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -63,25 +60,6 @@ const cpu::Reductions<T>& reductions() {
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
-}
-
-// A fresh W-sized output (grad_W) is first touched by our kernel; with 4 KiB pages that costs
-// one page fault per 4 KiB, which on this class of machine takes longer than computing the
-// gradient. Asking for transparent huge pages before the first touch (what torch's own
-// THP_MEM_ALLOC_ENABLE does for every allocation) cuts the faults 512-fold. Linux only; a no-op
-// when THP is off or the memory was touched before.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
 }
 
 // How the backward writes grad_W: adds for accumulation; non-temporal stores only for a
@@ -318,8 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2]);
   at::Tensor gw;
   if (output_mask[1]) {
-    gw = at::empty(weight.sizes(), weight.options());
-    advise_huge_pages(gw);
+    gw = cpu::empty_reused(weight.sizes(), weight.options());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "torchmatgrad_linear_backward_cpu", [&] {

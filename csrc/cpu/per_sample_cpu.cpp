@@ -22,11 +22,8 @@
 #include "../per_sample.h"
 #include "../policy.h"
 #include "../vendor.h"
+#include "block_cache.h"
 #include "kernel_table.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace torchmatgrad {
 namespace {
@@ -387,27 +384,11 @@ at::Tensor per_sample_grads_cpu(const at::Tensor& grad_output, const at::Tensor&
 
 // ---- add_gaussian_noise_ ---------------------------------------------------------------------
 
-// A fresh buffer is first touched here: huge pages cut its page faults 512-fold, as for a fresh
-// grad_W in linear_cpu.cpp (advise_huge_pages there; Linux only, a no-op when THP is off).
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 void add_gaussian_noise_cpu(at::Tensor& self, double std, int64_t seed, bool accumulate) {
   check_noise_args(self, std);
   const int64_t n = self.numel();
   if (n == 0 || (std == 0 && accumulate)) return;
-  if (!accumulate) advise_huge_pages(self);
+  if (!accumulate) cpu::advise_huge_pages(self.data_ptr(), self.nbytes());  // maybe fresh
   // Blocks of 16 values, any split (each value depends on (seed, index) alone).
   const int64_t blocks = (n + 15) / 16;
   AT_DISPATCH_FLOATING_TYPES_AND2(

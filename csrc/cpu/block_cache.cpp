@@ -1,0 +1,154 @@
+#include "block_cache.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace torchmatgrad::cpu {
+namespace {
+
+constexpr size_t kMiB = size_t(1) << 20;
+constexpr size_t kHuge = 2 * kMiB;
+constexpr size_t kCachedMinBytes = kMiB;  // below, glibc's heap serves without faults
+
+// Size classes: 2 MiB steps from 16 MiB up (at most 1/8 wasted), 64 KiB steps below; blocks from
+// 4 MiB up are 2 MiB aligned so that all of them can be huge pages.
+size_t size_class(size_t n) {
+  const size_t step = n >= 16 * kMiB ? kHuge : size_t(64) << 10;
+  return (n + step - 1) / step * step;
+}
+
+size_t limit_from_env() {
+  const char* v = std::getenv("TORCHMATGRAD_CPU_CACHE_MB");
+  if (v == nullptr || *v == '\0') return 1024 * kMiB;
+  char* end = nullptr;
+  const long long mb = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && mb >= 0,
+              "TORCHMATGRAD_CPU_CACHE_MB: expected a whole number of MiB >= 0, got '", v, "'");
+  return size_t(mb) * kMiB;
+}
+
+class BlockCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes < kCachedMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+    const size_t size = size_class(nbytes);
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(size);
+      if (it != free_.end()) {
+        p = it->second;
+        free_.erase(it);
+        cached_ -= size;
+        live_.emplace(p, size);
+      }
+    }
+    if (p == nullptr) {
+      const size_t align = size >= 4 * kMiB ? kHuge : 64;
+      TORCH_CHECK(posix_memalign(&p, align, size) == 0, "torchmatgrad: out of memory allocating ",
+                  size, " bytes");
+      advise_huge_pages(p, size);
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_.emplace(p, size);
+    }
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  int64_t limit() const { return int64_t(limit_); }
+
+  int64_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return int64_t(cached_);
+  }
+
+  void clear() {
+    std::multimap<size_t, void*> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      cached_ = 0;
+    }
+    for (auto& [size, p] : blocks) std::free(p);
+  }
+
+  static BlockCache& get() {
+    static BlockCache* cache = new BlockCache();  // never destroyed: tensors may outlive exit
+    return *cache;
+  }
+
+ private:
+  static void release(void* p) {
+    BlockCache& c = get();
+    {
+      std::lock_guard<std::mutex> lock(c.mutex_);
+      auto it = c.live_.find(p);
+      const size_t size = it->second;
+      c.live_.erase(it);
+      if (c.cached_ + size <= c.limit_) {
+        c.free_.emplace(size, p);
+        c.cached_ += size;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;       // size class -> free block
+  std::unordered_map<void*, size_t> live_;  // block in use -> its size class
+  size_t cached_ = 0;                       // bytes in free_
+  const size_t limit_ = limit_from_env();
+};
+
+}  // namespace
+
+at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(options.device().is_cpu());
+  return at::detail::empty_generic(sizes, &BlockCache::get(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
+}
+
+int64_t cached_bytes() {
+  return BlockCache::get().cached();
+}
+
+int64_t cache_limit_bytes() {
+  return BlockCache::get().limit();
+}
+
+void empty_cache() {
+  BlockCache::get().clear();
+}
+
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+}  // namespace torchmatgrad::cpu
