@@ -120,6 +120,7 @@ TORCH_LIBRARY(torchmatgrad, m) {
   // (tests poison them).
   m.def("_cpu_cached_bytes() -> int", &torchmatgrad::cpu::cached_bytes);
   m.def("_cpu_empty_cache() -> ()", &torchmatgrad::cpu::empty_cache);
+  m.def("_cpu_cache_fork_selftest() -> bool", &torchmatgrad::cpu::fork_selftest);
   m.def("_cpu_empty_reused(int[] size, ScalarType dtype) -> Tensor",
         [](std::vector<int64_t> size, c10::ScalarType dtype) {
           return torchmatgrad::cpu::empty_reused(size, at::TensorOptions().dtype(dtype));

@@ -161,3 +161,10 @@ def test_bad_limit_is_a_clear_import_error(bad):
     assert r.returncode != 0
     assert "TORCHMATGRAD_CPU_CACHE_MB: expected a whole number of MiB >= 0" in r.stderr
     assert repr(bad) in r.stderr or f"'{bad}'" in r.stderr
+
+
+def test_fork_while_another_thread_holds_the_cache():
+    """A fork (DataLoader workers) while another thread is inside the cache: the child can
+    still take and give back blocks (its lock is not left held; without the atfork handlers
+    the child hangs and this fails)."""
+    assert ops._cpu_cache_fork_selftest()

@@ -5,14 +5,21 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 
 #ifdef __linux__
+#include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #endif
 
 namespace torchmatgrad::cpu {
@@ -89,8 +96,51 @@ class BlockCache final : public c10::Allocator {
     for (auto& [size, p] : blocks) std::free(p);
   }
 
+  // Fork while another thread holds the lock; the child takes and gives back a block. True if
+  // the child finished (the atfork handlers below), false if it hung (killed after 10 s).
+  bool fork_selftest() {
+#ifdef __linux__
+    std::atomic<bool> locked{false};
+    std::thread holder([&] {
+      std::lock_guard<std::mutex> lock(mutex_);
+      locked = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    });
+    while (!locked) std::this_thread::yield();
+    const pid_t pid = fork();
+    if (pid == 0) {
+      {
+        c10::DataPtr block = allocate(kCachedMinBytes);
+      }
+      _exit(0);
+    }
+    holder.join();
+    TORCH_CHECK(pid > 0, "fork failed");
+    for (int i = 0; i < 1000; ++i) {
+      int status = 0;
+      if (waitpid(pid, &status, WNOHANG) == pid)
+        return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    return false;
+#else
+    return true;
+#endif
+  }
+
   static BlockCache& get() {
-    static BlockCache* cache = new BlockCache();  // never destroyed: tensors may outlive exit
+    static BlockCache* cache = [] {
+      auto* c = new BlockCache();  // never destroyed: tensors may outlive exit
+#ifdef __linux__
+      // A fork (DataLoader workers) while another thread holds the lock would leave the child's
+      // lock held forever: hold it across the fork, release it on both sides.
+      pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
+                     [] { get().mutex_.unlock(); });
+#endif
+      return c;
+    }();
     return *cache;
   }
 
@@ -137,6 +187,10 @@ int64_t cache_limit_bytes() {
 
 void empty_cache() {
   BlockCache::get().clear();
+}
+
+bool fork_selftest() {
+  return BlockCache::get().fork_selftest();
 }
 
 void advise_huge_pages(void* data, size_t bytes) {

@@ -26,6 +26,9 @@ int64_t cached_bytes();
 int64_t cache_limit_bytes();
 void empty_cache();
 
+// Tests: a fork while another thread holds the cache's lock leaves the child a working cache.
+bool fork_selftest();
+
 // Ask for transparent huge pages on [data, data + bytes) before its first touch (whole 2 MiB
 // pages inside it only). Linux only; a no-op when THP is off or the pages were touched before.
 void advise_huge_pages(void* data, size_t bytes);
