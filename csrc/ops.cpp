@@ -75,8 +75,6 @@ PyObject* PyInit__C(void) {
     PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu::table().isa);
     PyModule_AddIntConstant(module, "cpu_lanes_block",
                             long(torchmatgrad::cpu::table().lanes_block));
-    PyModule_AddIntConstant(module, "cpu_grad_stream_min_bytes",
-                            long(torchmatgrad::cpu::grad_stream_min_bytes()));
     PyModule_AddIntConstant(module, "cpu_cache_limit_bytes",
                             long(torchmatgrad::cpu::cache_limit_bytes()));
   } catch (const c10::Error& e) {

@@ -61,17 +61,6 @@ const Table& table_for_rows(int64_t rows) {
   return rows <= kFewRows ? *narrow : table();
 }
 
-int64_t grad_stream_min_bytes() {
-  static const int64_t bytes = [] {
-    int64_t l3 = 0;
-#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
-    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    return l3 > 0 ? l3 / 2 : int64_t(16) << 20;
-  }();
-  return bytes;
-}
-
 const PerSampleTable& per_sample_table() {
   static const PerSampleTable* t = [] {
     const PerSampleTable* units[] = {per_sample_table_avx512(), per_sample_table_avx2(),

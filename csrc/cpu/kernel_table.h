@@ -36,9 +36,10 @@ struct Acc<double> {
 template <typename T>
 using acc_t = typename Acc<T>::type;
 
-// How the backward writes grad_W: a plain store, a non-temporal store (a grad_W larger than the
-// caches goes to memory without being read first), or an add into the existing values.
-enum class GradStore : int { kStore, kStream, kAdd };
+// How the backward writes grad_W: a plain store, or an add into the existing values. (Non-
+// temporal stores for a grad_W larger than half the L3 were dropped: plain stores measured 7-12 %
+// faster on a Xeon at 4096² and 8192², block cache on or off; RESULTS.md, fifth session.)
+enum class GradStore : int { kStore, kAdd };
 
 // The kernels for storage type T writing outputs of type O (O = float: an fp32 master
 // gradient for a 16-bit weight). Shapes and layouts are documented in kernels.h.
@@ -111,10 +112,6 @@ const Table& table();
 // kernel measured 1.1-1.4x faster there, 1024² and 4096², 2 threads, Cascade Lake), else
 // table(). TORCHMATGRAD_CPU_ISA forces table() everywhere.
 const Table& table_for_rows(int64_t rows);
-
-// grad_W outputs of at least this many bytes take non-temporal stores (GradStore::kStream):
-// half the last-level cache (the rest holds W, X and G); 16 MiB where its size is unknown.
-int64_t grad_stream_min_bytes();
 
 template <typename T, typename O>
 const Kernels<T, O>& kernels(const Table& t);

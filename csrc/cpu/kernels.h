@@ -199,28 +199,6 @@ inline void vstore_n(O* p, typename VecOf<acc_t<O>>::type v, int64_t count) {
 #endif
 }
 
-// A store of a result larger than the caches (grad_W): non-temporal where possible, so the
-// cache lines are not read from memory first (saves one of three passes over grad_W). A result
-// that fits in the last-level cache takes plain stores: streaming it to memory would cost a full
-// memory pass that a cached store avoids (4 MiB: 357 µs against 206 µs, Xeon, 35 MiB L3).
-template <typename O>
-inline void vstore_stream(O* p, typename VecOf<acc_t<O>>::type v) {
-  if constexpr (std::is_same_v<O, float>) {
-#if defined(TORCHMATGRAD_AVX512)
-    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-      _mm512_stream_ps(p, v);
-      return;
-    }
-#elif defined(TORCHMATGRAD_F16C)
-    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
-      _mm256_stream_ps(p, v);
-      return;
-    }
-#endif
-  }
-  vstore(p, v);
-}
-
 template <typename V>
 inline auto hsum(V v) {
   auto s = v[0];
@@ -687,7 +665,7 @@ void gemm_lanes_blocks(const acc_t<T>* xT, int64_t nb, int64_t P, const T* W, in
 //
 // For the W rows j ∈ [j0, j1) of one chunk, with R ≤ 16 rows of G [R, n] and X [R, m] (both
 // widened, contiguous):
-//   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]    written once (streaming stores when large)
+//   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]    written once
 //   gi[r, :]      +=    Σ_j G[r, j]·W[j, :]    W read once; gi is this chunk's float partial
 // Two sweeps over the chunk, each with its own register tile: grad_W keeps 4 rows × 2 vectors
 // of sums in registers while the (cached) rows of X stream past; gi keeps 8 rows of W in
@@ -704,13 +682,8 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const a
   constexpr int64_t N = VecOf<A_t>::lanes;
   const A_t* g = G + j * sj;
   auto finish = [&](O* dst, V v) {
-    if (store == GradStore::kAdd) {
-      vstore(dst, v + vload(dst));
-    } else if (store == GradStore::kStream) {
-      vstore_stream(dst, v);
-    } else {
-      vstore(dst, v);
-    }
+    if (store == GradStore::kAdd) v += vload(dst);
+    vstore(dst, v);
   };
   int64_t k = 0;
   for (; k + 2 * N <= m; k += 2 * N) {

@@ -19,11 +19,6 @@
 #include "block_cache.h"
 #include "kernel_table.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define TORCHMATGRAD_X86 1
-#endif
-
 namespace torchmatgrad {
 namespace {
 
@@ -60,15 +55,6 @@ const cpu::Reductions<T>& reductions() {
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
-}
-
-// How the backward writes grad_W: adds for accumulation; non-temporal stores only for a
-// grad_W larger than half the last-level cache (a cached one is read again soon, by
-// AccumulateGrad or the optimizer).
-GradStore grad_store(const at::Tensor& gw, bool accumulate) {
-  if (accumulate) return GradStore::kAdd;
-  return int64_t(gw.nbytes()) >= cpu::grad_stream_min_bytes() ? GradStore::kStream
-                                                              : GradStore::kStore;
 }
 
 at::ScalarType acc_dtype(at::ScalarType t) {
@@ -190,7 +176,7 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     return;
   }
   auto acc_opts = g2d.options().dtype(acc_dtype(g2d.scalar_type()));
-  const GradStore store = gw.defined() ? grad_store(gw, accumulate) : GradStore::kStore;
+  const GradStore store = accumulate ? GradStore::kAdd : GradStore::kStore;
   if (R <= kFewRows) {
     // One pass over W: each chunk of W rows writes its rows of grad_W and adds its share of
     // G·W into a private float partial; partials are summed in chunk order (deterministic for
@@ -208,11 +194,6 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     if (gi.defined()) partial = direct ? gi : at::empty({nchunks, R, m}, acc_opts);
     auto fn = kernels<T, O>().backward_rows;
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-#ifdef TORCHMATGRAD_X86
-      struct StoreFence {  // order the kernel's non-temporal stores before the join
-        ~StoreFence() { _mm_sfence(); }
-      } fence;
-#endif
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t j0 = std::min(n, (groups * c / nchunks) * 4);
         const int64_t j1 = std::min(n, (groups * (c + 1) / nchunks) * 4);
@@ -246,11 +227,6 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
     const int64_t groups = (n + 3) / 4;
     const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 4 * R * m));
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-#ifdef TORCHMATGRAD_X86
-      struct StoreFence {  // order the kernel's non-temporal stores before the join
-        ~StoreFence() { _mm_sfence(); }
-      } fence;
-#endif
       fn(ptr<A_t>(gt), 1, R, ptr<A_t>(x), R, m, ptr<O>(gw), m, store, g0 * 4, std::min(n, g1 * 4));
     });
   }

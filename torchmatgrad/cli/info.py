@@ -47,7 +47,7 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, a register "
             "tile of W rows broadcast per step",
             "W read once for grad_input (per-thread partials, summed in order), grad_W written "
-            "once (streaming stores)",
+            "once (into a block from the block cache)",
         ),
         KernelPath(
             None,
