@@ -168,3 +168,29 @@ def test_fork_while_another_thread_holds_the_cache():
     still take and give back blocks (its lock is not left held; without the atfork handlers
     the child hangs and this fails)."""
     assert ops._cpu_cache_fork_selftest()
+
+
+_OOM_RETRY = """
+import resource, torch, torchmatgrad
+MiB = 2**20
+def vm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize"))
+e = torch.ops.torchmatgrad._cpu_empty_reused
+a, b = e([16 * MiB], torch.float32), e([16 * MiB], torch.float32)  # 64 MiB each
+del a, b
+held = torchmatgrad.cpu_cached_bytes()
+resource.setrlimit(resource.RLIMIT_AS, (vm() + 50 * MiB, resource.RLIM_INFINITY))
+c = e([25 * MiB], torch.float32)  # 100 MiB: fits only once the cached blocks are given back
+print(held, torchmatgrad.cpu_cached_bytes(), c.numel())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
+def test_out_of_memory_gives_the_cache_back_first():
+    """An allocation that fails while the cache holds free blocks of other sizes succeeds once
+    they are given back (the address space is limited so that it cannot fit beside them)."""
+    r = _python(_OOM_RETRY, "1024")
+    assert r.returncode == 0, r.stderr
+    held, after, numel = map(int, r.stdout.split())
+    assert (held, after, numel) == (128 * MiB, 0, 25 * MiB)

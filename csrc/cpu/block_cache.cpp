@@ -64,8 +64,11 @@ class BlockCache final : public c10::Allocator {
     }
     if (p == nullptr) {
       const size_t align = size >= 4 * kMiB ? kHuge : 64;
-      TORCH_CHECK(posix_memalign(&p, align, size) == 0, "torchmatgrad: out of memory allocating ",
-                  size, " bytes");
+      if (posix_memalign(&p, align, size) != 0) {
+        clear();  // the free blocks of other sizes go back first, as CUDA's allocator does
+        TORCH_CHECK(posix_memalign(&p, align, size) == 0, "torchmatgrad: out of memory allocating ",
+                    size, " bytes");
+      }
       advise_huge_pages(p, size);
       std::lock_guard<std::mutex> lock(mutex_);
       live_.emplace(p, size);
