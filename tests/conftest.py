@@ -5,10 +5,31 @@ torchmatgrad.testing, the one source the tests and the tools share."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from torchmatgrad.testing import DTYPES as _DTYPES_BY_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter from the repository root, with ``env`` added to
+    this process's environment (settings read once at import); output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
 
 NO_GPU = not torch.cuda.is_available()
 #: The marks of everything that needs a GPU: selected by -m cuda, skipped with a reason here.

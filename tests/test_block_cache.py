@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 
 import torchmatgrad
 from torchmatgrad import policy
@@ -125,18 +123,6 @@ def test_concurrent_backwards():
     assert not errors, errors[0]
 
 
-def _python(code: str, cache_mb: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TORCHMATGRAD_CPU_CACHE_MB=cache_mb)
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-    )
-
-
 _KEEP_TWO = """
 import torch, torchmatgrad
 from torchmatgrad import _C
@@ -149,7 +135,7 @@ print(_C.cpu_cache_limit_bytes, torchmatgrad.cpu_cached_bytes())
 
 @pytest.mark.parametrize("cache_mb,kept", [("0", 0), ("5", 4), ("9", 8)])
 def test_limit_from_the_environment(cache_mb, kept):
-    r = _python(_KEEP_TWO, cache_mb)
+    r = run_python(_KEEP_TWO, TORCHMATGRAD_CPU_CACHE_MB=cache_mb)
     assert r.returncode == 0, r.stderr
     limit, cached = map(int, r.stdout.split())
     assert (limit, cached) == (int(cache_mb) * MiB, kept * MiB)
@@ -157,7 +143,7 @@ def test_limit_from_the_environment(cache_mb, kept):
 
 @pytest.mark.parametrize("bad", ["abc", "-1", "1.5"])
 def test_bad_limit_is_a_clear_import_error(bad):
-    r = _python("import torchmatgrad", bad)
+    r = run_python("import torchmatgrad", TORCHMATGRAD_CPU_CACHE_MB=bad)
     assert r.returncode != 0
     assert "TORCHMATGRAD_CPU_CACHE_MB: expected a whole number of MiB >= 0" in r.stderr
     assert repr(bad) in r.stderr or f"'{bad}'" in r.stderr
@@ -190,7 +176,7 @@ print(held, torchmatgrad.cpu_cached_bytes(), c.numel())
 def test_out_of_memory_gives_the_cache_back_first():
     """An allocation that fails while the cache holds free blocks of other sizes succeeds once
     they are given back (the address space is limited so that it cannot fit beside them)."""
-    r = _python(_OOM_RETRY, "1024")
+    r = run_python(_OOM_RETRY, TORCHMATGRAD_CPU_CACHE_MB="1024")
     assert r.returncode == 0, r.stderr
     held, after, numel = map(int, r.stdout.split())
     assert (held, after, numel) == (128 * MiB, 0, 25 * MiB)

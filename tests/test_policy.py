@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 
 import torchmatgrad
 from torchmatgrad import policy
@@ -19,17 +20,6 @@ from torchmatgrad.testing import assert_close, rand
 
 ops = torch.ops.torchmatgrad
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
 
 
 @pytest.fixture
@@ -100,7 +90,7 @@ def test_same_shape_same_path():
 
 @pytest.mark.parametrize("value", ["kernel", "vendor"])
 def test_environment_forces_a_path(value):
-    done = _python(
+    done = run_python(
         "import torch, torchmatgrad as t\n"
         "print(t.policy.current_path(), t.policy.path('forward', torch.float32, 4096, 4096, 1),"
         " t.policy.path('forward', torch.float32, 64, 64, 4096))",
@@ -111,7 +101,7 @@ def test_environment_forces_a_path(value):
 
 
 def test_bad_environment_value_is_a_clear_error():
-    done = _python("import torchmatgrad", TORCHMATGRAD_PATH="fastest")
+    done = run_python("import torchmatgrad", TORCHMATGRAD_PATH="fastest")
     assert done.returncode != 0
     assert "TORCHMATGRAD_PATH must be one of auto, kernel, vendor, got 'fastest'" in done.stderr
 
@@ -229,7 +219,7 @@ def test_tune_writes_the_cache_that_import_reads(tmp_path):
     assert len(files) == 1
     doc = json.loads(files[0].read_text())
     assert doc["source"].startswith("tune on ") and len(doc["measurements"]) == 3 * 2 * 2
-    probe = _python(
+    probe = run_python(
         "import json, torchmatgrad as t\n"
         "table = t.policy.installed()['cpu']\n"
         "print(json.dumps([table.source, table.to_json()['paths']]))",
@@ -359,6 +349,6 @@ def test_cuda_table_failure_keeps_the_generic_rule(monkeypatch):
 
 
 def test_import_does_not_initialise_cuda():
-    r = _python("import torch, torchmatgrad; print(torch.cuda.is_initialized())")
+    r = run_python("import torch, torchmatgrad; print(torch.cuda.is_initialized())")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
