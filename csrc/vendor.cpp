@@ -26,11 +26,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_vendor(
   const auto g = grad_output.reshape({rows, n});
   at::Tensor gi, gw, gb;
   if (output_mask[0]) gi = at::mm(g, weight).view(input.sizes());
-  if (output_mask[1] && weight.is_cpu()) {  // into a block whose pages stay mapped
-    gw = cpu::empty_reused({n, m}, weight.options());
-    at::mm_out(gw, g.t(), input.reshape({rows, m}));
-  } else if (output_mask[1]) {
-    gw = at::mm(g.t(), input.reshape({rows, m}));
+  if (output_mask[1]) {
+    const auto x = input.reshape({rows, m});
+    if (weight.is_cpu()) {  // into a block whose pages stay mapped (cpu/block_cache.h)
+      gw = cpu::empty_reused({n, m}, weight.options());
+      at::mm_out(gw, g.t(), x);
+    } else {
+      gw = at::mm(g.t(), x);
+    }
   }
   if (output_mask[2]) gb = g.sum(0);
   return {gi, gw, gb};
