@@ -108,6 +108,42 @@ def test_every_row_tail(device, dtype, rows):
         assert_close(acc, expect_acc, k=rows + 1, peers=[acc], what=f"accumulated {what}")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    "n,m,rows", [(16, 4099, 8), (5, 16387, 3), (24, 8191, 16), (300, 301, 16)], ids=str
+)
+def test_few_rows_backward_splits(dtype, threads, n, m, rows):
+    """The CPU's few-rows backward splits W among threads by its columns where W is short next
+    to the rows (n·256 ≤ rows·m: the first three shapes) and by its rows elsewhere (the last).
+    Odd widths put masked ends at chunk and tile boundaries; 5 rows of W leave a lone one in
+    both register groups. Written, accumulated, and for a 16-bit weight accumulated into a
+    float32 gradient (main_grad); outputs poisoned first."""
+    from torchmatgrad import policy
+
+    x, w, g = rand(rows, m, dtype=dtype), rand(n, m, dtype=dtype), rand(rows, n, dtype=dtype)
+    acc, acc32 = rand(n, m, dtype=dtype), rand(n, m)
+    X, W, G = x.double(), w.double(), g.double()
+    expect_acc, expect_acc32 = acc.double() + G.t() @ X, acc32.double() + G.t() @ X
+    main_grad = dtype in (torch.bfloat16, torch.float16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with policy.force_path("kernel"):
+            poison_allocator((n, m), dtype, "cpu")
+            poison_allocator((rows, m), dtype, "cpu")
+            gi, gw, _ = ops.linear_backward(g, x, w, [True, True, False])
+            ops.linear_backward_accumulate_(g, x, w, acc, [False, False])
+            if main_grad:
+                ops.linear_backward_accumulate_(g, x, w, acc32, [False, False])
+    finally:
+        torch.set_num_threads(before)
+    assert_close(gi, G @ W, k=n, peers=[g @ w], what="grad_input")
+    assert_close(gw, G.t() @ X, k=rows, peers=[g.t() @ x], what="grad_weight")
+    assert_close(acc, expect_acc, k=rows + 1, peers=[acc], what="accumulated")
+    if main_grad:
+        assert_close(acc32, expect_acc32, k=rows + 1, what="accumulated into float32")
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize(
     "mask", [[True, False, False], [False, True, False], [False, False, True], [True, True, False]]

@@ -62,12 +62,18 @@ struct Kernels {
                             int64_t q1, bool accumulate);
   // grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :] for j ∈ [j0, j1); G's element (r, j) at
   // G[r·sr + j·sj].
-  void (*grad_weight_rows)(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X, int64_t R,
-                           int64_t m, O* gw, int64_t ldgw, GradStore store, int64_t j0, int64_t j1);
-  // For ≤ kFewRows rows: grad_W rows [j0, j1) and this chunk's float partial of G·W, one pass.
+  void (*grad_weight_rows)(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X,
+                           int64_t ldx, int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store,
+                           int64_t j0, int64_t j1);
+  // For ≤ kFewRows rows, one pass over W: grad_W rows [j0, j1) and this chunk's float partial
+  // of G·W; or grad_W and G·W in the columns [k0, k1) (acc: float sums [R, tile] for a 16-bit
+  // T, else unused).
   void (*backward_rows)(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
                         int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store, acc_t<T>* gi,
                         int64_t j0, int64_t j1);
+  void (*backward_cols)(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t m,
+                        int64_t R, O* gw, GradStore store, T* gi, acc_t<T>* acc, int64_t tile,
+                        int64_t k0, int64_t k1);
 };
 
 // Reductions in storage type T: column sums (grad_bias) and the ordered sum of partials.

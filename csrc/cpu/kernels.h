@@ -663,20 +663,20 @@ void gemm_lanes_blocks(const acc_t<T>* xT, int64_t nb, int64_t P, const T* W, in
 
 // ---- backward for few rows -----------------------------------------------------------------
 //
-// For the W rows j ∈ [j0, j1) of one chunk, with R ≤ 16 rows of G [R, n] and X [R, m] (both
-// widened, contiguous):
+// With R ≤ 16 rows of G [R, n] and X [R, m] (both widened, contiguous), one pass over W gives
 //   grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :]    written once
-//   gi[r, :]      +=    Σ_j G[r, j]·W[j, :]    W read once; gi is this chunk's float partial
-// Two sweeps over the chunk, each with its own register tile: grad_W keeps 4 rows × 2 vectors
-// of sums in registers while the (cached) rows of X stream past; gi keeps 8 rows of W in
-// registers and updates each cached row of gi once per 8 of them.
+//   gi[r, :]      =     Σ_j G[r, j]·W[j, :]    W read once
+// for a chunk of W's rows (backward_rows: gi is the chunk's float partial) or of its columns
+// (backward_cols). Two sweeps over the chunk, each with its own register tile: grad_W keeps 4
+// rows × 2 vectors of sums in registers while the (cached) rows of X stream past; gi keeps 8
+// rows of W in registers and updates each cached row of gi once per 8 of them.
 
 // grad_W rows j..j+JR-1 over the R rows; element (r, j) of G is G[r·sr + j·sj] (G itself, or
 // Gᵀ for many rows so each j's column of G is contiguous).
 template <int JR, typename T, typename O>
 inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X,
-                              int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store,
-                              int64_t j) {
+                              int64_t ldx, int64_t R, int64_t m, O* gw, int64_t ldgw,
+                              GradStore store, int64_t j) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
@@ -690,7 +690,7 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const a
     V acc[JR][2];
     for (int a = 0; a < JR; ++a) acc[a][0] = acc[a][1] = V{};
     for (int64_t r = 0; r < R; ++r) {
-      const V x0 = vload(X + r * m + k), x1 = vload(X + r * m + k + N);
+      const V x0 = vload(X + r * ldx + k), x1 = vload(X + r * ldx + k + N);
       for (int a = 0; a < JR; ++a) {
         const A_t gra = g[r * sr + a * sj];
         acc[a][0] += gra * x0;
@@ -702,14 +702,13 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const a
       finish(gw + (j + a) * ldgw + k + N, acc[a][1]);
     }
   }
-  // The last < 2N columns: one vector at a time, the final one masked (X is [R, m]
-  // contiguous, so its rows carry the same tail).
+  // The last < 2N columns: one vector at a time, the final one masked.
   for (; k < m; k += N) {
     const int64_t c = std::min<int64_t>(N, m - k);
     V acc[JR];
     for (int a = 0; a < JR; ++a) acc[a] = V{};
     for (int64_t r = 0; r < R; ++r) {
-      const V x0 = c == N ? vload(X + r * m + k) : vload_n(X + r * m + k, c);
+      const V x0 = c == N ? vload(X + r * ldx + k) : vload_n(X + r * ldx + k, c);
       for (int a = 0; a < JR; ++a) acc[a] += g[r * sr + a * sj] * x0;
     }
     for (int a = 0; a < JR; ++a) {
@@ -723,18 +722,22 @@ inline void grad_weight_group(const acc_t<T>* G, int64_t sr, int64_t sj, const a
   }
 }
 
-// grad_W[j, :] (=|+=) Σ_r G[r, j]·X[r, :] for j ∈ [j0, j1), any number of rows R.
+// grad_W[j, :m] (=|+=) Σ_r G[r, j]·X[r, :m] for j ∈ [j0, j1), any number of rows R; X's rows
+// ldx apart.
 template <typename T, typename O>
-void grad_weight_rows(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X, int64_t R,
-                      int64_t m, O* gw, int64_t ldgw, GradStore store, int64_t j0, int64_t j1) {
+void grad_weight_rows(const acc_t<T>* G, int64_t sr, int64_t sj, const acc_t<T>* X, int64_t ldx,
+                      int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store, int64_t j0,
+                      int64_t j1) {
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) grad_weight_group<4, T>(G, sr, sj, X, R, m, gw, ldgw, store, j);
-  for (; j < j1; ++j) grad_weight_group<1, T>(G, sr, sj, X, R, m, gw, ldgw, store, j);
+  for (; j + 4 <= j1; j += 4) grad_weight_group<4, T>(G, sr, sj, X, ldx, R, m, gw, ldgw, store, j);
+  for (; j < j1; ++j) grad_weight_group<1, T>(G, sr, sj, X, ldx, R, m, gw, ldgw, store, j);
 }
 
-template <int JR, typename T>
+// gi[r, :m] (= if INIT, else +=) Σ_a G[r, j + a]·W[j + a, :m] for a < JR: JR rows of W in
+// registers, each row of gi (ldgi apart) loaded and stored once.
+template <int JR, bool INIT, typename T>
 inline void grad_input_group(const acc_t<T>* G, int64_t n, const T* W, int64_t ldw, int64_t R,
-                             int64_t m, acc_t<T>* gi, int64_t j) {
+                             int64_t m, acc_t<T>* gi, int64_t ldgi, int64_t j) {
   using A_t = acc_t<T>;
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
@@ -746,9 +749,9 @@ inline void grad_input_group(const acc_t<T>* G, int64_t n, const T* W, int64_t l
     V w[JR];
     for (int a = 0; a < JR; ++a) w[a] = vload(W + (j + a) * ldw + k);
     for (int64_t r = 0; r < R; ++r) {
-      V t = vload(gi + r * m + k);
+      V t = INIT ? V{} : vload(gi + r * ldgi + k);
       for (int a = 0; a < JR; ++a) t += g[r][a] * w[a];
-      vstore(gi + r * m + k, t);
+      vstore(gi + r * ldgi + k, t);
     }
   }
   if (k < m) {
@@ -756,22 +759,58 @@ inline void grad_input_group(const acc_t<T>* G, int64_t n, const T* W, int64_t l
     V w[JR];
     for (int a = 0; a < JR; ++a) w[a] = vload_n(W + (j + a) * ldw + k, c);
     for (int64_t r = 0; r < R; ++r) {
-      V t = vload_n(gi + r * m + k, c);
+      V t = INIT ? V{} : vload_n(gi + r * ldgi + k, c);
       for (int a = 0; a < JR; ++a) t += g[r][a] * w[a];
-      vstore_n(gi + r * m + k, t, c);
+      vstore_n(gi + r * ldgi + k, t, c);
     }
   }
 }
 
+// The columns [k0, k1) of grad_W and gi, from all n rows of W, in tiles of `tile` columns.
+// grad_input's sums are gi itself when T is the accumulation type, else `acc` [R, tile],
+// narrowed into gi at the end of each tile.
+template <typename T, typename O>
+void backward_cols(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t m,
+                   int64_t R, O* gw, GradStore store, T* gi, acc_t<T>* acc, int64_t tile,
+                   int64_t k0, int64_t k1) {
+  using A_t = acc_t<T>;
+  constexpr int64_t N = VecOf<A_t>::lanes;
+  constexpr bool kWide = std::is_same_v<T, A_t>;
+  for (int64_t k = k0; k < k1; k += tile) {
+    const int64_t w = std::min(tile, k1 - k);
+    if (gw) grad_weight_rows<T>(G, n, 1, X + k, m, R, w, gw + k, m, store, 0, n);
+    if (!gi) continue;
+    A_t* s = kWide ? reinterpret_cast<A_t*>(gi) + k : acc;
+    const int64_t lds = kWide ? m : w;
+    int64_t j = std::min<int64_t>(n, 8);
+    if (j == 8) {
+      grad_input_group<8, true>(G, n, W + k, m, R, w, s, lds, 0);
+    } else {
+      grad_input_group<1, true>(G, n, W + k, m, R, w, s, lds, 0);
+      j = 1;
+    }
+    for (; j + 8 <= n; j += 8) grad_input_group<8, false>(G, n, W + k, m, R, w, s, lds, j);
+    for (; j < n; ++j) grad_input_group<1, false>(G, n, W + k, m, R, w, s, lds, j);
+    if constexpr (!kWide) {
+      for (int64_t r = 0; r < R; ++r) {
+        int64_t c = 0;
+        for (; c + N <= w; c += N) vstore(gi + r * m + k + c, vload(acc + r * w + c));
+        if (c < w) vstore_n(gi + r * m + k + c, vload_n(acc + r * w + c, w - c), w - c);
+      }
+    }
+  }
+}
+
+// The rows [j0, j1) of grad_W, and this chunk's share of gi added into the float partial gi.
 template <typename T, typename O>
 void backward_rows(const acc_t<T>* G, int64_t n, const acc_t<T>* X, const T* W, int64_t ldw,
                    int64_t R, int64_t m, O* gw, int64_t ldgw, GradStore store, acc_t<T>* gi,
                    int64_t j0, int64_t j1) {
-  if (gw) grad_weight_rows<T>(G, n, 1, X, R, m, gw, ldgw, store, j0, j1);
+  if (gw) grad_weight_rows<T>(G, n, 1, X, m, R, m, gw, ldgw, store, j0, j1);
   if (gi) {
     int64_t j = j0;
-    for (; j + 8 <= j1; j += 8) grad_input_group<8>(G, n, W, ldw, R, m, gi, j);
-    for (; j < j1; ++j) grad_input_group<1>(G, n, W, ldw, R, m, gi, j);
+    for (; j + 8 <= j1; j += 8) grad_input_group<8, false>(G, n, W, ldw, R, m, gi, m, j);
+    for (; j < j1; ++j) grad_input_group<1, false>(G, n, W, ldw, R, m, gi, m, j);
   }
 }
 
@@ -809,8 +848,8 @@ void reduce_partials(const acc_t<O>* parts, int64_t nparts, int64_t len, int64_t
 
 template <typename T, typename O>
 constexpr Kernels<T, O> kernel_set() {
-  return {&gemm_nt_tile<T, O>, &gemm_lanes_tile<T, O>, &gemm_lanes_blocks<T, O>,
-          &grad_weight_rows<T, O>, &backward_rows<T, O>};
+  return {&gemm_nt_tile<T, O>,     &gemm_lanes_tile<T, O>, &gemm_lanes_blocks<T, O>,
+          &grad_weight_rows<T, O>, &backward_rows<T, O>,   &backward_cols<T, O>};
 }
 
 template <typename T>
