@@ -1,6 +1,7 @@
 """The eager entry of torchmatgrad.linear (csrc/eager.cpp, ``_C._linear``): plain tensors take it,
-it is the same op as ``torch.ops.torchmatgrad.linear`` (values, autograd, errors), and tensor
-subclasses, transforms and torch.compile go through torch.ops instead."""
+it is the same op as ``torch.ops.torchmatgrad.linear`` (values, autograd, errors), and it declines
+tensor subclasses, transforms and forward-mode tangents, which go through torch.ops or the
+autograd.Function instead (as torch.compile does)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from torchmatgrad.testing import assert_close, rand
 
 @pytest.fixture
 def eager_calls(monkeypatch):
-    """Counts the calls that reach the eager entry."""
+    """Counts the calls that the eager entry served (it declines the others with
+    NotImplemented)."""
     calls = []
 
     def counting(*args):
-        calls.append(args)
-        return _C._linear(*args)
+        out = _C._linear(*args)
+        if out is not NotImplemented:
+            calls.append(args)
+        return out
 
     monkeypatch.setattr(ops, "_linear_eager", counting)
     return calls
@@ -99,3 +103,26 @@ def test_vmap_does_not_take_the_eager_entry(eager_calls):
     y = torch.func.vmap(lambda x: torchmatgrad.linear(x, w))(xs)
     assert eager_calls == []
     assert_close(y, xs.double() @ w.double().t(), k=5)
+
+
+def test_eager_entry_declines_what_python_handles():
+    """NotImplemented, not a result, for a subclass argument (any of the three), under a
+    torch.func transform and for an input with a forward-mode tangent; a result otherwise."""
+    x, w, b = rand(2, 5), rand(3, 5), rand(3)
+    assert isinstance(_C._linear(x, w, b), torch.Tensor)
+    assert isinstance(_C._linear(x, torch.nn.Parameter(w), None), torch.Tensor)
+    for i in range(3):
+        args = [x, w, b]
+        args[i] = args[i].as_subclass(_Recording)
+        assert _C._linear(*args) is NotImplemented, i
+    seen = []
+    torch.func.vmap(lambda row: seen.append(_C._linear(row, w, b)) or row)(rand(4, 5))
+    assert seen == [NotImplemented]
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        assert isinstance(_C._linear(x, w, b), torch.Tensor)  # no tangent anywhere
+        for i in range(3):
+            args = [x, w, b]
+            args[i] = fwAD.make_dual(args[i], torch.ones_like(args[i]))
+            assert _C._linear(*args) is NotImplemented, i

@@ -32,9 +32,8 @@ from .accumulate import check_mode, fused_weight_backward, fuses_here
 _ops = torch.ops.torchmatgrad
 _linear_op = _ops.linear.default
 # The same op, called from C++ unboxed (csrc/eager.cpp): what torch.ops costs in boxing the
-# arguments (~4 µs a call) is gone. Only for tensors whose type has no Python override of its own.
+# arguments (~4 µs a call) is gone. NotImplemented for what only the Python paths handle.
 _linear_eager = _C._linear
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -490,22 +489,17 @@ def linear(
         return _linear_op(input, weight, bias)
     if grad_accumulation != "unfused" and not fuses_here(weight, check_mode(grad_accumulation)):
         grad_accumulation = "unfused"  # a small CPU weight: see accumulate.FUSE_MIN_ELEMENTS_CPU
-    if (
-        grad_accumulation == "unfused"
-        and not functorch_transforms_active()
-        and not forward_ad_active()
-    ):
+    if grad_accumulation == "unfused":
         # The common case: the op's C++ autograd and autocast kernels (csrc/autograd.cpp) do
         # what F.linear's do, with no Python between the call and the kernel, forward or
-        # backward. Subclasses (DTensor, FakeTensor, ...) take torch.ops, which honours
-        # __torch_function__.
-        if (
-            type(input) in _PLAIN
-            and type(weight) in _PLAIN
-            and (bias is None or type(bias) in _PLAIN)
-        ):
-            return _linear_eager(input, weight, bias)
-        return _linear_op(input, weight, bias)
+        # backward. The entry declines (NotImplemented) tensor subclasses (DTensor, FakeTensor,
+        # ...: torch.ops honours __torch_function__), torch.func transforms and inputs with a
+        # forward-mode tangent, which take the paths below.
+        out = _linear_eager(input, weight, bias)
+        if out is not NotImplemented:
+            return out
+        if not functorch_transforms_active() and not forward_ad_active():
+            return _linear_op(input, weight, bias)
     check_mode(grad_accumulation)
     # The Python autograd.Function: forward-mode AD (jvp), torch.func transforms, fused
     # gradient accumulation. It sees the inputs already cast as autocast would cast them.
