@@ -46,8 +46,9 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             f"one pass over W: R ≤ {CPU_DOT_ROWS} dot products (2-8 W rows streaming side by "
             f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, a register "
             "tile of W rows broadcast per step",
-            "W read once for grad_input (per-thread partials, summed in order), grad_W written "
-            "once (into a block from the block cache)",
+            "one pass over W, grad_W written once (into a block from the block cache); threads "
+            "split W by rows (grad_input from per-thread partials, summed in order) or, for a "
+            "short, wide W (256·n ≤ R·m), by columns (no partials)",
         ),
         KernelPath(
             None,
@@ -55,8 +56,9 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             f"tiled: blocks of {_C.cpu_lanes_block} rows of x (transposed, in the vector lanes) "
             "× 96 W rows per tile, k in 16 KiB slices of x, register tiles of 6 (AVX2) or 8 "
             "(AVX-512) W rows × 2 vectors",
-            "grad_W: W rows split over threads, each summing R rows of X (no copy of W); "
-            "grad_input: the tiled kernel reading W transposed in place",
+            "grad_W: below 128 rows, W rows split over threads, each summing R rows of X; from "
+            "128 rows, the tiled kernel as a GEMM (Gᵀ in the lanes, X packed); grad_input: the "
+            "tiled kernel reading W transposed in place",
         ),
     ),
     "cuda": (
