@@ -314,6 +314,33 @@ def test_tune_from_bench_derives_a_table(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("restore_policy")
+@pytest.mark.parametrize("flag", ["avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"])
+def test_native_16bit_cpu_is_its_own_kind(monkeypatch, flag):
+    """A CPU with native 16-bit dot products (which oneDNN uses, the kernels do not) is a kind of
+    its own: the tables measured without them do not apply, and until it is tuned the generic
+    rule (vendor route above the few rows) keeps bf16 GEMMs off the kernels."""
+    real = policy._cpuinfo_field
+    flags = "fpu sse2 avx2 avx512f"
+
+    def fake(name):
+        return flags if name == "flags" else real(name)
+
+    monkeypatch.setattr(policy, "_cpuinfo_field", fake)
+    plain = policy.device_kind("cpu")
+    assert not plain.endswith("-bf16")
+    flags = f"fpu sse2 avx2 avx512f {flag}"
+    kind = policy.device_kind("cpu")
+    assert kind == plain + "-bf16"
+    assert kind not in policy.DEFAULTS
+    monkeypatch.setattr(policy, "_load_cache", lambda device: None)
+    policy.load("cpu")
+    table = policy.installed()["cpu"]
+    assert table.device_kind == kind and table.source.startswith("generic rule")
+    assert policy.path("forward", torch.bfloat16, 4096, 4096, 256, "cpu") == "vendor"
+    assert policy.path("forward", torch.bfloat16, 4096, 4096, 1, "cpu") == "kernel"
+
+
+@pytest.mark.usefixtures("restore_policy")
 def test_cuda_table_is_loaded_when_cuda_initialises(monkeypatch):
     """Import installs the generic CUDA rule and defers the measured table to CUDA's
     initialisation (looking up the device's kind needs its capability; importing must not

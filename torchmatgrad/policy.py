@@ -218,24 +218,41 @@ _CUDA_PENDING = (
 )
 
 
+#: CPU flags (/proc/cpuinfo) of native 16-bit dot products, which torch's vendor route (oneDNN)
+#: uses and the hand-written kernels, which widen to float32, do not.
+_NATIVE_16BIT_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` line of /proc/cpuinfo, its value; None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def device_kind(device: str | torch.device = "cpu") -> str:
     """The key of :data:`DEFAULTS` for ``device``: ``cpu/<arch>-<isa>-<vendor>`` (ISA as the
-    kernels run it, e.g. ``cpu/x86_64-avx512-intel``) or ``cuda/sm_<major><minor>``."""
+    kernels run it, e.g. ``cpu/x86_64-avx512-intel``), with ``-bf16`` appended on a CPU that
+    multiplies 16-bit floats natively (AVX512-BF16, AVX512-FP16 or AMX: the measured tables,
+    made without them, would keep 16-bit GEMMs on the kernels there), or
+    ``cuda/sm_<major><minor>``."""
     device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda/sm_{major}{minor}"
-    vendor = "other"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    v = line.split(":", 1)[1].strip()
-                    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(v, v.lower())
-                    break
-    except OSError:
-        pass
-    return f"cpu/{platform.machine().lower()}-{_C.cpu_isa}-{vendor}"
+    v = _cpuinfo_field("vendor_id")
+    vendor = (
+        "other" if v is None else {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(v, v.lower())
+    )
+    flags = set((_cpuinfo_field("flags") or "").split())
+    native16 = "-bf16" if flags.intersection(_NATIVE_16BIT_FLAGS) else ""
+    return f"cpu/{platform.machine().lower()}-{_C.cpu_isa}-{vendor}{native16}"
 
 
 # ---- the tune cache ----------------------------------------------------------------------------
@@ -272,14 +289,7 @@ def fingerprint(device: str | torch.device = "cpu") -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cache_file(device: str | torch.device = "cpu") -> Path:
