@@ -668,8 +668,9 @@ void gemm_lanes_blocks(const acc_t<T>* xT, int64_t nb, int64_t P, const T* W, in
 //   gi[r, :]      =     Σ_j G[r, j]·W[j, :]    W read once
 // for a chunk of W's rows (backward_rows: gi is the chunk's float partial) or of its columns
 // (backward_cols). Two sweeps over the chunk, each with its own register tile: grad_W keeps 4
-// rows × 2 vectors of sums in registers while the (cached) rows of X stream past; gi keeps 8
-// rows of W in registers and updates each cached row of gi once per 8 of them.
+// rows (8 with AVX-512 from 8 rows of X) × 2 vectors of sums in registers while the (cached)
+// rows of X stream past; gi keeps 8 rows of W in registers and updates each cached row of gi
+// once per 8 of them.
 
 // grad_W rows j..j+JR-1 over the R rows; element (r, j) of G is G[r·sr + j·sj] (G itself, or
 // Gᵀ for many rows so each j's column of G is contiguous).
