@@ -276,7 +276,7 @@ def fingerprint(device: str | torch.device = "cpu") -> str:
     if device.type == "cuda":
         model = torch.cuda.get_device_name(device)
     else:
-        model = _cpu_model()
+        model = cpu_model()
     parts = [
         device_kind(device),
         model,
@@ -288,8 +288,9 @@ def fingerprint(device: str | torch.device = "cpu") -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _cpu_model() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor()."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "?"
 
 
 def cache_file(device: str | torch.device = "cpu") -> Path:

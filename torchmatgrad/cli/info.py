@@ -164,21 +164,9 @@ def policy_text(table: policy.PathTable) -> str:
 # ---- machine facts -------------------------------------------------------------------------
 
 
-def _cpuinfo_field(name: str) -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
-
-
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor()."""
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "?"
+    return policy.cpu_model()
 
 
 def cpu_isa() -> str:
