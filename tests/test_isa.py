@@ -16,7 +16,7 @@ import pytest
 
 import torchmatgrad
 
-ISAS = ("baseline", "avx2", "avx512")
+ISAS = ("baseline", "avx2", "avx512", "avx512bf16")  # narrowest first
 TESTS = Path(__file__).parent
 
 

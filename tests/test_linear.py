@@ -307,6 +307,25 @@ def test_property_random_shapes(n, m, batch, bias, dtype):
         assert_close(a, r, k=k, peers=[t], what="grad")
 
 
+@pytest.mark.parametrize("rows", [5, 16, 17, 96])
+def test_lanes_forward_k(dtype, rows):
+    """The forward with the rows of x in the vector lanes (5 to 96 rows: the 8-lane kernel of
+    ≤ 16 rows and 1 to 3 blocks of 32 with AVX-512, no panels), k of either parity and longer
+    than one slice of x in cache (1100), and a partial micro-tile of W (101 rows). A bf16 W on
+    AVX-512 runs the kernel of x in pairs of k, whose odd k ends in a float step. Outputs
+    poisoned first."""
+    from torchmatgrad import policy
+
+    n = 101
+    for m in (2, 3, 64, 333, 1100):
+        x, w, b = rand(rows, m, dtype=dtype), rand(n, m, dtype=dtype), rand(n, dtype=dtype)
+        with policy.force_path("kernel"):
+            poison_allocator((rows, n), dtype, "cpu")
+            y = ops.linear(x, w, b)
+        ref = F.linear(x.double(), w.double(), b.double())
+        assert_close(y, ref, k=m, peers=[F.linear(x, w, b)], what=f"forward, k={m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_packed_weight_panels(dtype):
     """Many blocks of rows, where the CPU kernel packs W into panels: 200 rows (7 blocks of 32

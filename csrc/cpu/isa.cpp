@@ -1,6 +1,6 @@
 // Which ISA unit's kernels the launchers use: the widest the running CPU supports, unless the
-// environment variable TORCHMATGRAD_CPU_ISA names a narrower one (baseline, avx2, avx512) — for
-// tests and benchmarks of every variant on one machine. Picked once per process.
+// environment variable TORCHMATGRAD_CPU_ISA names another (baseline, avx2, avx512, avx512bf16),
+// for tests and benchmarks of every variant on one machine. Picked once per process.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +19,8 @@ namespace {
 
 bool cpu_has(const char* isa) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (std::strcmp(isa, "avx512bf16") == 0)
+    return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   if (std::strcmp(isa, "avx512") == 0)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -32,14 +34,14 @@ bool cpu_has(const char* isa) {
 
 const Table* pick() {
   // Widest first.
-  const Table* candidates[] = {table_avx512(), table_avx2(), table_baseline()};
+  const Table* candidates[] = {table_avx512bf16(), table_avx512(), table_avx2(), table_baseline()};
   const char* wanted = std::getenv("TORCHMATGRAD_CPU_ISA");
   for (const Table* t : candidates) {
     if (t == nullptr || !cpu_has(t->isa)) continue;
     if (wanted == nullptr || *wanted == '\0' || std::strcmp(wanted, t->isa) == 0) return t;
   }
   TORCH_CHECK(false, "TORCHMATGRAD_CPU_ISA must name an instruction set this CPU and build ",
-              "support (baseline, avx2, avx512), got '", wanted, "'");
+              "support (baseline, avx2, avx512, avx512bf16), got '", wanted, "'");
 }
 
 }  // namespace
@@ -49,24 +51,25 @@ const Table& table() {
   return *t;
 }
 
-const Table& table_for_rows(int64_t rows) {
+const Table& table_for_rows(int64_t rows, bool bf16) {
   static const Table* narrow = [] {
     const char* forced = std::getenv("TORCHMATGRAD_CPU_ISA");
     const Table* avx2 = table_avx2();
-    if ((forced == nullptr || *forced == '\0') && std::strcmp(table().isa, "avx512") == 0 &&
+    if ((forced == nullptr || *forced == '\0') && std::strncmp(table().isa, "avx512", 6) == 0 &&
         avx2 != nullptr && cpu_has("avx2"))
       return avx2;
     return &table();
   }();
-  return rows <= kFewRows ? *narrow : table();
+  return rows <= kFewRows && !bf16 ? *narrow : table();
 }
 
 const PerSampleTable& per_sample_table() {
   static const PerSampleTable* t = [] {
     const PerSampleTable* units[] = {per_sample_table_avx512(), per_sample_table_avx2(),
                                      per_sample_table_baseline()};
+    // By prefix: the avx512bf16 variants use the avx512 unit's per-sample kernels.
     for (const PerSampleTable* u : units)
-      if (u != nullptr && std::strcmp(u->isa, table().isa) == 0) return u;
+      if (u != nullptr && std::strncmp(u->isa, table().isa, std::strlen(u->isa)) == 0) return u;
     TORCH_CHECK(false, "no per-sample kernels for the instruction set ", table().isa);
   }();
   return *t;

@@ -1,8 +1,9 @@
 // The CPU kernels of one instruction set, behind a table of function pointers (PyTorch's
 // DispatchStub idea): kernels.h is compiled once per ISA, each in its own translation unit
 // (isa_baseline.cpp, isa_avx2.cpp, isa_avx512.cpp) under its own `#pragma GCC target`, and each
-// unit fills one Table. The launchers (linear_cpu.cpp) call through `table()`, picked once from
-// the running CPU. Adding an ISA is one new unit and one line in isa.cpp.
+// unit fills one Table (isa_bf16.cpp copies two of them and replaces one kernel). The launchers
+// (linear_cpu.cpp) call through `table()`, picked once from the running CPU. Adding an ISA is one
+// new unit and one line in isa.cpp.
 //
 // Torch-free on purpose: the ISA units include only this header and the standard library, so
 // they compile in seconds.
@@ -89,7 +90,7 @@ struct Reductions {
 };
 
 struct Table {
-  const char* isa;      // "baseline", "avx2", "avx512"
+  const char* isa;      // "baseline", "avx2", "avx512", "avx512bf16"
   int64_t lanes_block;  // rows of x per block of gemm_lanes_tile (two float vectors)
   Kernels<float, float> f32;
   Kernels<double, double> f64;
@@ -107,17 +108,21 @@ struct Table {
 const Table* table_baseline();
 const Table* table_avx2();
 const Table* table_avx512();
+// AVX512-BF16 (isa_bf16.cpp): the avx512 table with the bf16 forward's lanes kernel on native
+// 16-bit pair dot products.
+const Table* table_avx512bf16();
 
 // The table the launchers use: the widest ISA the running CPU has, or the one named by the
-// environment variable TORCHMATGRAD_CPU_ISA (baseline / avx2 / avx512) when the CPU has it.
-// Chosen on first use, then fixed for the process.
+// environment variable TORCHMATGRAD_CPU_ISA (baseline / avx2 / avx512 / avx512bf16) when the
+// CPU has it. Chosen on first use, then fixed for the process.
 const Table& table();
 
 // The table for a product with `rows` rows of x in the vector lanes: on an AVX-512 machine the
 // AVX2 unit's for ≤ kFewRows rows (a 32-row AVX-512 block pads 5-16 rows, and the 8-lane
-// kernel measured 1.1-1.4x faster there, 1024² and 4096², 2 threads, Cascade Lake), else
-// table(). TORCHMATGRAD_CPU_ISA forces table() everywhere.
-const Table& table_for_rows(int64_t rows);
+// kernel measured 1.1-1.4x faster there, 1024² and 4096², 2 threads, Cascade Lake), except
+// for a bf16 W, whose AVX-512 pair kernel beat the AVX2 unit's there; else table().
+// TORCHMATGRAD_CPU_ISA forces table() everywhere.
+const Table& table_for_rows(int64_t rows, bool bf16);
 
 template <typename T, typename O>
 const Kernels<T, O>& kernels(const Table& t);
