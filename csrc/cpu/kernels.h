@@ -332,6 +332,29 @@ void gemm_nt_tile(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C,
 template <typename T>
 constexpr int64_t kLanesKC = 16384 / (kLanesBlock * int64_t(sizeof(acc_t<T>)));
 
+// The U×QR×PV accumulators of a register tile (U sets of sums over alternate k, added at the
+// end): zero, or with out's sums in the first set unless `first`; and their sums into out.
+template <int U, int QR, int PV, typename V, typename A>
+inline void tile_begin(V (&acc)[U][QR][PV], const A (*out)[kLanesBlock], bool first) {
+  constexpr int64_t N = sizeof(V) / sizeof(A);
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < QR; ++i)
+      for (int v = 0; v < PV; ++v) {
+        acc[u][i][v] = V{};
+        if (u == 0 && !first) std::memcpy(&acc[0][i][v], out[i] + v * N, sizeof(V));
+      }
+}
+template <int U, int QR, int PV, typename V, typename A>
+inline void tile_end(const V (&acc)[U][QR][PV], A (*out)[kLanesBlock]) {
+  constexpr int64_t N = sizeof(V) / sizeof(A);
+  for (int i = 0; i < QR; ++i)
+    for (int v = 0; v < PV; ++v) {
+      V t = acc[0][i][v];
+      for (int u = 1; u < U; ++u) t += acc[u][i][v];
+      std::memcpy(out[i] + v * N, &t, sizeof(V));
+    }
+}
+
 // out[i][p] (=|+=) Σ_{k0 ≤ k < k1} xT[k, p]·W(i, k) for the QR rows i of this micro-tile;
 // `first`: out starts at zero, else the sums add to it.
 template <int PV, int QR, int U, bool KCONTIG, typename T>
@@ -341,12 +364,7 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk
   using V = typename VecOf<A_t>::type;
   constexpr int64_t N = VecOf<A_t>::lanes;
   V acc[U][QR][PV];
-  for (int u = 0; u < U; ++u)
-    for (int i = 0; i < QR; ++i)
-      for (int v = 0; v < PV; ++v) {
-        acc[u][i][v] = V{};
-        if (u == 0 && !first) std::memcpy(&acc[0][i][v], out[i] + v * N, sizeof(V));
-      }
+  tile_begin(acc, out, first);
   auto step = [&](int u, int64_t k) {
     V a[PV];
     for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * kLanesBlock + v * N);
@@ -379,12 +397,7 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk
     }
   }
   for (; k < k1; ++k) step(0, k);
-  for (int i = 0; i < QR; ++i)
-    for (int v = 0; v < PV; ++v) {
-      V t = acc[0][i][v];
-      for (int u = 1; u < U; ++u) t += acc[u][i][v];
-      std::memcpy(out[i] + v * N, &t, sizeof(V));
-    }
+  tile_end(acc, out);
 }
 
 // C[p, q0 + i] (=|+=) out[i][p] (+ bias[q0 + i]) for i < rows, p < P: row by row of C, so the
@@ -476,12 +489,7 @@ inline void micro_pairs(const uint32_t* xp, const bf16_t* W, int64_t ldq, int64_
                         float (*out)[kLanesBlock], bool first) {
   constexpr int64_t N = VecOf<float>::lanes, L = PV * N;
   f32v acc[U][QR][PV];
-  for (int u = 0; u < U; ++u)
-    for (int i = 0; i < QR; ++i)
-      for (int v = 0; v < PV; ++v) {
-        acc[u][i][v] = f32v{};
-        if (u == 0 && !first) std::memcpy(&acc[0][i][v], out[i] + v * N, sizeof(f32v));
-      }
+  tile_begin(acc, out, first);
   auto step = [&](int u, int64_t j) {
     u32v a[PV];
     for (int v = 0; v < PV; ++v) std::memcpy(&a[v], xp + j * L + v * N, sizeof(u32v));
@@ -501,12 +509,7 @@ inline void micro_pairs(const uint32_t* xp, const bf16_t* W, int64_t ldq, int64_
     for (int jj = 0; jj < 16; ++jj) step(jj % U, j + jj);
   }
   for (; j < np; ++j) step(0, j);
-  for (int i = 0; i < QR; ++i)
-    for (int v = 0; v < PV; ++v) {
-      f32v t = acc[0][i][v];
-      for (int u = 1; u < U; ++u) t += acc[u][i][v];
-      std::memcpy(out[i] + v * N, &t, sizeof(f32v));
-    }
+  tile_end(acc, out);
 }
 
 // lanes_rows for a bf16 W read along k (the forward), K ≥ 2: x's rows of this block in pairs of
