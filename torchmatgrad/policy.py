@@ -219,7 +219,8 @@ _CUDA_PENDING = (
 
 
 #: CPU flags (/proc/cpuinfo) of native 16-bit dot products, which torch's vendor route (oneDNN)
-#: uses and the hand-written kernels, which widen to float32, do not.
+#: uses for every 16-bit GEMM and the hand-written kernels only in the bf16 forward's lanes
+#: kernel (AVX512-BF16); the rest widen to float32.
 _NATIVE_16BIT_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
 
 

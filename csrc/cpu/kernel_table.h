@@ -1,7 +1,7 @@
 // The CPU kernels of one instruction set, behind a table of function pointers (PyTorch's
 // DispatchStub idea): kernels.h is compiled once per ISA, each in its own translation unit
 // (isa_baseline.cpp, isa_avx2.cpp, isa_avx512.cpp) under its own `#pragma GCC target`, and each
-// unit fills one Table (isa_bf16.cpp copies two of them and replaces one kernel). The launchers
+// unit fills one Table (isa_bf16.cpp copies avx512's and replaces one kernel). The launchers
 // (linear_cpu.cpp) call through `table()`, picked once from the running CPU. Adding an ISA is one
 // new unit and one line in isa.cpp.
 //

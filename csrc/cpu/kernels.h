@@ -466,10 +466,8 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk,
 // product of two bf16 is exact in float, so the two FMAs round as the instruction's two adds
 // do; only denormals differ (the instruction flushes them to zero).
 inline f32v dot_pairs(f32v acc, u32v a, u32v b) {
-#if defined(TORCHMATGRAD_BF16_DOT) && TORCHMATGRAD_VEC_BYTES == 64
+#if defined(TORCHMATGRAD_BF16_DOT)
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#elif defined(TORCHMATGRAD_BF16_DOT)
-  return _mm256_dpbf16_ps(acc, (__m256bh)a, (__m256bh)b);
 #else
   const u32v top = u32v{} + 0xffff0000u, ah = a & top, bh = b & top, al = a << 16, bl = b << 16;
   f32v fa, fb;

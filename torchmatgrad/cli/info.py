@@ -45,7 +45,7 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             "cpu:few-rows",
             f"one pass over W: R ≤ {CPU_DOT_ROWS} dot products (2-8 W rows streaming side by "
             f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, a register "
-            "tile of W rows broadcast per step",
+            "tile of W rows broadcast per step (a bf16 W on AVX-512: in pairs of k)",
             "one pass over W, grad_W written once (into a block from the block cache); threads "
             "split W by rows (grad_input from per-thread partials, summed in order) or, for a "
             "short, wide W (256·n ≤ R·m), by columns (no partials)",
@@ -55,7 +55,8 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             "cpu:tiled",
             f"tiled: blocks of {_C.cpu_lanes_block} rows of x (transposed, in the vector lanes) "
             "× 96 W rows per tile, k in 16 KiB slices of x, register tiles of 6 (AVX2) or 8 "
-            "(AVX-512) W rows × 2 vectors",
+            "(AVX-512) W rows × 2 vectors; a bf16 W on AVX-512: x in pairs of k, one 32-bit "
+            "broadcast of W per two elements (vdpbf16ps with AVX512-BF16)",
             "grad_W: below 128 rows, W rows split over threads, each summing R rows of X; from "
             "128 rows, the tiled kernel as a GEMM (Gᵀ in the lanes, X packed); grad_input: the "
             "tiled kernel reading W transposed in place",
@@ -164,11 +165,6 @@ def policy_text(table: policy.PathTable) -> str:
 # ---- machine facts -------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor()."""
-    return policy.cpu_model()
-
-
 def cpu_isa() -> str:
     """The instruction set torchmatgrad's CPU kernels run with on this machine ("avx512",
     "avx2" or "baseline"), as the extension picked it from the running CPU."""
@@ -201,7 +197,7 @@ def info_text() -> str:
         f"Private torch APIs (torchmatgrad._compat): {compat}",
         "",
         "Devices:",
-        f"  cpu: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
+        f"  cpu: {policy.cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
         f"{torch.get_num_threads()}, kernels use {cpu_isa()}",
         f"  cpu block cache (fresh grad_W of 1 MiB or more): "
         f"{torchmatgrad.cpu_cached_bytes() / 2**20:.0f} MiB free, at most "

@@ -13,6 +13,7 @@ import torch
 
 import torchmatgrad
 
+from ... import policy
 from .. import info
 
 
@@ -63,7 +64,7 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} (sm_{p.major}{p.minor})"
-    return info.cpu_model()
+    return policy.cpu_model()
 
 
 def machine_info(devices: Sequence[torch.device]) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def machine_info(devices: Sequence[torch.device]) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor(),
-        "cpu_model": info.cpu_model(),
+        "cpu_model": policy.cpu_model(),
         "cpu_isa": info.cpu_isa(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
