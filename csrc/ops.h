@@ -94,23 +94,29 @@ inline int64_t batch_rows(const at::Tensor& t) {
   return rows;
 }
 
+// An allocation function: at::empty, or on the CPU cpu::empty_reused (block_cache.h).
+using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
+inline at::Tensor empty_plain(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
 // The operands of a backward call, flattened to rows and contiguous (W is not copied when it
-// already is), and its freshly allocated grad_input / grad_bias where wanted.
+// already is), and its freshly allocated grad_input (from `empty`) / grad_bias where wanted.
 struct BackwardOperands {
   at::Tensor x, g, w;       // [R, m], [R, n], [n, m]
   at::Tensor gi, gi2d, gb;  // grad_input (input's shape) and its [R, m] view; grad_bias [n]
 };
 
 inline BackwardOperands backward_operands(const at::Tensor& grad_output, const at::Tensor& input,
-                                          const at::Tensor& weight, bool want_input,
-                                          bool want_bias) {
+                                          const at::Tensor& weight, bool want_input, bool want_bias,
+                                          EmptyFn empty = &empty_plain) {
   const int64_t n = weight.size(0), m = weight.size(1), rows = batch_rows(input);
   BackwardOperands o;
   o.x = input.reshape({rows, m}).contiguous();
   o.g = grad_output.reshape({rows, n}).contiguous();
   o.w = weight.contiguous();
   if (want_input) {
-    o.gi = at::empty(input.sizes(), input.options());
+    o.gi = empty(input.sizes(), input.options());
     o.gi2d = o.gi.view({rows, m});
   }
   if (want_bias) o.gb = at::empty({n}, weight.options());

@@ -1,10 +1,10 @@
 """The CPU block cache that large fresh gradients come from (csrc/cpu/block_cache.h).
 
-A grad_W of at least 1 MiB is written into a block that goes back to the cache when its tensor
-dies and is handed to the next gradient of its size: the pages stay mapped, nothing is faulted
-in again. What must hold: a reused block is fully rewritten (never stale, never NaN), the
-cache keeps no more than its limit, empty_cache gives the blocks back, and the tensors behave
-like any other (resize, shared memory, pickling, other threads).
+A grad_W or grad_input of at least 1 MiB is written into a block that goes back to the cache
+when its tensor dies and is handed to the next gradient of its size: the pages stay mapped,
+nothing is faulted in again. What must hold: a reused block is fully rewritten (never stale,
+never NaN), the cache keeps no more than its limit, empty_cache gives the blocks back, and the
+tensors behave like any other (resize, shared memory, pickling, other threads).
 """
 
 from __future__ import annotations
@@ -48,6 +48,37 @@ def test_reused_block_is_rewritten(path, rows):
     gw, ref, peer = _grad_weight(rows, path, seed=2)
     assert gw.data_ptr() == ptr, "the freed block was not reused"
     assert_close(gw, ref, k=rows, peers=[peer], what="grad_weight from a reused block")
+
+
+@pytest.mark.parametrize("path", ["kernel", "vendor"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["fresh", "accumulate"])
+def test_reused_grad_input_block_is_rewritten(path, accumulate):
+    """grad_input (here [2, 150, M] float32, 1.2 MiB) comes from the cache too, from either op
+    and either path: a poisoned block handed back is fully rewritten."""
+
+    def grad_input(seed):
+        g, x, w = (
+            rand(2, 150, N, seed=seed),
+            rand(2, 150, M, seed=seed + 1),
+            rand(N, M, seed=seed + 2),
+        )
+        with policy.force_path(path):
+            if accumulate:
+                gi, _ = ops.linear_backward_accumulate_(g, x, w, torch.zeros(N, M), [True, False])
+            else:
+                gi, _, _ = ops.linear_backward(g, x, w, [True, False, False])
+        return gi, g.double() @ w.double(), g @ w
+
+    torchmatgrad.empty_cache()
+    gi, _, _ = grad_input(seed=5)
+    ptr = gi.data_ptr()
+    gi.fill_(float("nan"))
+    del gi
+    assert torchmatgrad.cpu_cached_bytes() >= 300 * M * 4
+    gi, ref, peer = grad_input(seed=8)
+    assert gi.data_ptr() == ptr, "the freed block was not reused"
+    assert gi.shape == (2, 150, M)
+    assert_close(gi, ref, k=N, peers=[peer], what="grad_input from a reused block")
 
 
 def test_training_loop_with_grads_set_to_none():

@@ -518,10 +518,11 @@ def linear(
 def cpu_cached_bytes() -> int:
     """Bytes of freed CPU gradient blocks that torchmatgrad keeps for reuse.
 
-    A fresh grad_W of at least 1 MiB comes from these blocks (and goes back to them when the
-    tensor dies), so the next backward finds its pages already mapped instead of faulting them
-    in again, as CUDA's caching allocator does. At most ``TORCHMATGRAD_CPU_CACHE_MB`` MiB
-    (default 1024; 0: no cache) are kept; :func:`empty_cache` gives them back."""
+    A fresh grad_W or grad_input of at least 1 MiB comes from these blocks (and goes back to
+    them when the tensor dies), so the next backward finds its pages already mapped instead of
+    faulting them in again, as CUDA's caching allocator does. At most
+    ``TORCHMATGRAD_CPU_CACHE_MB`` MiB (default 1024; 0: no cache) are kept; :func:`empty_cache`
+    gives them back."""
     return int(_ops._cpu_cached_bytes())
 
 

@@ -1,4 +1,5 @@
-// Large CPU outputs (a fresh grad_W every backward) whose memory stays mapped between calls.
+// Large CPU outputs (a fresh grad_W and grad_input every backward) whose memory stays mapped
+// between calls.
 //
 // glibc hands a block above its mmap threshold (at most 32 MiB; a smaller one when the heap top
 // is trimmed) straight back to the kernel on free, so the next call's W-sized gradient is faulted

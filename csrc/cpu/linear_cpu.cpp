@@ -310,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   check_backward_args(grad_output, input, weight);
   if (use_vendor(policy::kBackward, input, weight))
     return linear_backward_vendor(grad_output, input, weight, output_mask);
-  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2]);
+  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2],
+                             &cpu::empty_reused);
   at::Tensor gw;
   if (output_mask[1]) {
     gw = cpu::empty_reused(weight.sizes(), weight.options());
@@ -332,7 +333,8 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_accumulate_cpu(const at::Tens
   check_grad_weight_buffer(grad_weight, weight);
   if (use_vendor(policy::kAccumulate, input, weight))
     return linear_backward_accumulate_vendor(grad_output, input, weight, grad_weight, output_mask);
-  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[1]);
+  auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[1],
+                             &cpu::empty_reused);
   const bool fp32_master = grad_weight.scalar_type() != weight.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "torchmatgrad_linear_backward_acc_cpu", [&] {

@@ -199,7 +199,7 @@ def info_text() -> str:
         "Devices:",
         f"  cpu: {policy.cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
         f"{torch.get_num_threads()}, kernels use {cpu_isa()}",
-        f"  cpu block cache (fresh grad_W of 1 MiB or more): "
+        f"  cpu block cache (fresh grad_W and grad_input of 1 MiB or more): "
         f"{torchmatgrad.cpu_cached_bytes() / 2**20:.0f} MiB free, at most "
         f"{_C.cpu_cache_limit_bytes / 2**20:.0f} MiB kept (TORCHMATGRAD_CPU_CACHE_MB)",
     ]
