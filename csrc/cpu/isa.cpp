@@ -51,7 +51,7 @@ const Table& table() {
   return *t;
 }
 
-const Table& table_for_rows(int64_t rows, bool bf16) {
+const Table& table_narrow() {
   static const Table* narrow = [] {
     const char* forced = std::getenv("TORCHMATGRAD_CPU_ISA");
     const Table* avx2 = table_avx2();
@@ -60,7 +60,7 @@ const Table& table_for_rows(int64_t rows, bool bf16) {
       return avx2;
     return &table();
   }();
-  return rows <= kFewRows && !bf16 ? *narrow : table();
+  return *narrow;
 }
 
 const PerSampleTable& per_sample_table() {

@@ -10,6 +10,9 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
+#include "../constants.h"
 
 namespace torchmatgrad::cpu {
 
@@ -117,12 +120,29 @@ const Table* table_avx512bf16();
 // CPU has it. Chosen on first use, then fixed for the process.
 const Table& table();
 
-// The table for a product with `rows` rows of x in the vector lanes: on an AVX-512 machine the
-// AVX2 unit's for ≤ kFewRows rows (a 32-row AVX-512 block pads 5-16 rows, and the 8-lane
-// kernel measured 1.1-1.4x faster there, 1024² and 4096², 2 threads, Cascade Lake), except
-// for a bf16 W, whose AVX-512 pair kernel beat the AVX2 unit's there; else table().
-// TORCHMATGRAD_CPU_ISA forces table() everywhere.
-const Table& table_for_rows(int64_t rows, bool bf16);
+// On an AVX-512 machine the AVX2 unit's table, else table() (also when TORCHMATGRAD_CPU_ISA
+// forces one).
+const Table& table_narrow();
+
+// The table for a product with `rows` rows of x in the vector lanes and a weight of
+// `weight_elems` elements of type T. The AVX2 unit's (table_narrow) where its 8-lane kernel
+// measured faster than AVX-512's 16 lanes (Cascade Lake, 2 threads, forward, µs, AVX2 /
+// AVX-512, best of 5 processes alternated): up to 8 rows, where a 16-lane vector is half padding
+// (1024², 8 rows 256 / 275; 2048² 961 / 1001; 4096² 4719 / 4520 the one exception); float16 up
+// to kFewRows rows (its W is widened an element at a time, which wider vectors do not speed up:
+// 1024², 16 rows 718 / 823); and float32 with 9 to 16 rows under 2^18 weight elements (256², 16
+// rows 31.9 / 36.0; 512² ties). Elsewhere table(): float32 with 9 to 16 rows from 512² (1024²,
+// 16 rows 330 / 279; 2048² 1235 / 1034; 4096² 5295 / 4645), float64 (1024², 16 rows 706 / 542),
+// and bf16 (the AVX-512 pair kernel).
+template <typename T>
+const Table& table_for_rows(int64_t rows, int64_t weight_elems) {
+  constexpr bool is_bf16 = std::is_same_v<T, bf16_t>, is_f16 = std::is_same_v<T, f16_t>;
+  constexpr int64_t kNarrowRows = 8, kWideMinWeight = int64_t(1) << 18;
+  const bool narrow = !is_bf16 && rows <= kFewRows &&
+                      (rows <= kNarrowRows || is_f16 ||
+                       (std::is_same_v<T, float> && weight_elems < kWideMinWeight));
+  return narrow ? table_narrow() : table();
+}
 
 template <typename T, typename O>
 const Kernels<T, O>& kernels(const Table& t);

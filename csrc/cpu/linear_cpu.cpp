@@ -108,7 +108,7 @@ void gemm_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int6
     });
     return;
   }
-  const cpu::Table& table = cpu::table_for_rows(P, std::is_same_v<T, bf16_t>);
+  const cpu::Table& table = cpu::table_for_rows<T>(P, Q * K);
   const int64_t tp = table.lanes_block;
   constexpr int64_t tq = cpu::kLanesTileQ;
   const int64_t np = (P + tp - 1) / tp, nq = (Q + tq - 1) / tq;

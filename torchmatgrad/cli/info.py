@@ -45,7 +45,8 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             "cpu:few-rows",
             f"one pass over W: R ≤ {CPU_DOT_ROWS} dot products (2-8 W rows streaming side by "
             f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, a register "
-            "tile of W rows broadcast per step (a bf16 W on AVX-512: in pairs of k)",
+            "tile of W rows broadcast per step; on AVX-512, 8-lane AVX2 vectors up to 8 rows "
+            "(and for a float16 or small float32 W), 16 lanes beyond (a bf16 W: in pairs of k)",
             "one pass over W, grad_W written once (into a block from the block cache); threads "
             "split W by rows (grad_input from per-thread partials, summed in order) or, for a "
             "short, wide W (256·n ≤ R·m), by columns (no partials)",
