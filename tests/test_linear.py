@@ -311,9 +311,10 @@ def test_property_random_shapes(n, m, batch, bias, dtype):
 def test_lanes_forward_k(dtype, rows):
     """The forward with the rows of x in the vector lanes (5 to 96 rows: the 8-lane kernel of
     ≤ 16 rows and 1 to 3 blocks of 32 with AVX-512, no panels), k of either parity and longer
-    than one slice of x in cache (1100), and a partial micro-tile of W (101 rows). A bf16 W on
-    AVX-512 runs the kernel of x in pairs of k, whose odd k ends in a float step. Outputs
-    poisoned first."""
+    than one slice of x in cache (1100), and a partial micro-tile of W (101 rows). A 16-bit W
+    is widened a cache line (32 elements) ahead of its steps: no whole line (2, 3), two lines
+    (64), lines and single steps at the end (333, 1100). With AVX512-BF16, a bf16 W runs the
+    kernel of x in pairs of k, whose odd k ends in a float step. Outputs poisoned first."""
     from torchmatgrad import policy
 
     n = 101

@@ -1,8 +1,8 @@
 // AVX512-BF16 (vdpbf16ps): the avx512 table with the bf16 forward's lanes kernel making both
-// products of a pair in one instruction (kernels.h, "bf16 on AVX-512: x in pairs of k"); every
-// other kernel is the avx512 unit's. Only dot_pairs differs from the FMA form that the avx512
-// unit runs (and the tests check there); this unit runs only on CPUs with the instruction.
-// x86-64 only; elsewhere the table is nullptr.
+// products of a pair in one instruction (kernels.h, "bf16 with AVX512-BF16: x in pairs of k");
+// every other kernel is the avx512 unit's. This unit runs only on CPUs with the instruction
+// (tests/test_isa.py runs every kernel test under it there); none has run it yet. x86-64 only;
+// elsewhere the table is nullptr.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

@@ -365,13 +365,17 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk
   constexpr int64_t N = VecOf<A_t>::lanes;
   V acc[U][QR][PV];
   tile_begin(acc, out, first);
-  auto step = [&](int u, int64_t k) {
+  // One step: the sums gain xT[k, :]·W(i, k) for each row i, W(i, k) given by w_of(i).
+  auto step_with = [&](int u, int64_t k, auto w_of) {
     V a[PV];
     for (int v = 0; v < PV; ++v) a[v] = vload(xT + k * kLanesBlock + v * N);
     for (int i = 0; i < QR; ++i) {
-      const A_t w = to_acc(KCONTIG ? W[i * ldq + k] : W[i + k * ldk]);
+      const A_t w = w_of(i);
       for (int v = 0; v < PV; ++v) acc[u][i][v] += a[v] * w;
     }
+  };
+  auto step = [&](int u, int64_t k) {
+    step_with(u, k, [&](int i) { return to_acc(KCONTIG ? W[i * ldq + k] : W[i + k * ldk]); });
   };
   int64_t k = k0;
   if constexpr (KCONTIG) {
@@ -380,10 +384,34 @@ inline void micro_lanes(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk
     // arithmetic), and one prefetch per line: each row is read 4 bytes per step, too thinly
     // for the hardware prefetcher to run far enough ahead, so ask for the line 1 KiB ahead.
     constexpr int KU = 64 / int(sizeof(T));
-    for (; k + KU <= k1; k += KU) {
-      for (int i = 0; i < QR; ++i) __builtin_prefetch(W + i * ldq + k + 1024 / sizeof(T));
+    if constexpr (sizeof(T) == 2) {
+      // A 16-bit W: each line of each row is widened with vector conversions into wl, one
+      // line ahead of the steps that broadcast from it (widened just before, the broadcasts
+      // waited on the stores). Widened where it was broadcast (a scalar load, a conversion and
+      // a broadcast per element), W cost more than its products. Xeon (Cascade Lake), 2
+      // threads, forward, µs, per element / lines: float16 1024² with 8 rows 783 / 265, 16
+      // rows 821 / 381, 4096² with 16 rows 12796 / 5623; bf16 (AVX2 unit) 1024² with 16 rows
+      // 507 / 421, 2048² with 8 rows 1779 / 1140.
+      alignas(64) A_t wl[2][QR][KU];
+      auto widen = [&](A_t(*dst)[KU], int64_t kb) {
+        for (int i = 0; i < QR; ++i)
+          for (int c = 0; c < KU; c += int(N)) vstore(&dst[i][c], vload(W + i * ldq + kb + c));
+      };
+      if (k + KU <= k1) widen(wl[0], k);
+      for (int b = 0; k + KU <= k1; k += KU, b ^= 1) {
+        for (int i = 0; i < QR; ++i) __builtin_prefetch(W + i * ldq + k + 1024 / sizeof(T));
+        if (k + 2 * KU <= k1) widen(wl[b ^ 1], k + KU);
+        A_t(*cur)[KU] = wl[b];
 #pragma GCC unroll 32
-      for (int kk = 0; kk < KU; ++kk) step(kk % U, k + kk);
+        for (int kk = 0; kk < KU; ++kk)
+          step_with(kk % U, k + kk, [&](int i) { return cur[i][kk]; });
+      }
+    } else {
+      for (; k + KU <= k1; k += KU) {
+        for (int i = 0; i < QR; ++i) __builtin_prefetch(W + i * ldq + k + 1024 / sizeof(T));
+#pragma GCC unroll 32
+        for (int kk = 0; kk < KU; ++kk) step(kk % U, k + kk);
+      }
     }
   } else {
     // W read transposed (element (q, k) at q + k·ldk): the QR values of a step share a line and
@@ -448,36 +476,22 @@ inline void lanes_rows(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk,
   store_lanes(out, q1 - q0, P, C, ldc, bias, q0, accumulate);
 }
 
-// ---- bf16 on AVX-512: x in pairs of k ----------------------------------------------------
+// ---- bf16 with AVX512-BF16: x in pairs of k ----------------------------------------------
 //
-// For a bf16 W read along k (the forward), the rows of x are packed in pairs of k, [k/2][lanes]
-// 32-bit pairs (bf16, hi = the odd k), and each step broadcasts one 32-bit pair W(q, k..k+1)
-// to every lane: lane i gains x[2i]·w[0] + x[2i+1]·w[1]. Widening W element by element (a
-// scalar load, a shift and a broadcast each, as micro_lanes does) cost more than the products.
-// One core of a Xeon (Cascade Lake), bf16 forward, µs, before (≤ 16 rows: the AVX2 unit's
-// micro_lanes; more: AVX-512's) / pairs: 2048² with 5 rows 3290 / 2830, 8 rows 3620 / 2870,
-// 16 rows 3900 / 2870 (fp32: 2910); 1024² with 32 rows 1170 / 1030, 64 rows 2400 / 2020. With
-// AVX512-BF16 (isa_bf16.cpp, TORCHMATGRAD_BF16_DOT) one vdpbf16ps makes both products of a
-// lane; without, two FMAs on the halves. (The AVX2 unit keeps micro_lanes: with 16 registers
-// the pair kernel measured no faster there.)
-#if TORCHMATGRAD_VEC_BYTES == 64
-
-// acc + a.hi·b.hi + a.lo·b.lo per 32-bit lane, in that order, as vdpbf16ps computes it. A
-// product of two bf16 is exact in float, so the two FMAs round as the instruction's two adds
-// do; only denormals differ (the instruction flushes them to zero).
-inline f32v dot_pairs(f32v acc, u32v a, u32v b) {
+// On a CPU with AVX512-BF16 (isa_bf16.cpp, TORCHMATGRAD_BF16_DOT) and a bf16 W read along k
+// (the forward), the rows of x are packed in pairs of k, [k/2][lanes] 32-bit pairs (bf16, hi =
+// the odd k), and each step broadcasts one 32-bit pair W(q, k..k+1) to every lane, where one
+// vdpbf16ps adds x[2i]·w[0] + x[2i+1]·w[1] to lane i: two products per lane and instruction,
+// against one for micro_lanes' FMAs on widened lines. Built, never run: no CPU here has the
+// instruction. Without it, the same kernel with two FMAs on the halves (AND, shift) lost to
+// micro_lanes' widened lines on a Xeon (Cascade Lake), bf16 forward, 2 threads, µs, pairs /
+// lines: 1024² with 8 rows 485 / 337, 16 rows 483 / 331, 64 rows 1025 / 839; 4096² with 16
+// rows 6898 / 5345; so the avx512 unit runs micro_lanes for bf16 too.
 #if defined(TORCHMATGRAD_BF16_DOT)
+
+// acc + a.hi·b.hi + a.lo·b.lo per 32-bit lane (bf16 pairs).
+inline f32v dot_pairs(f32v acc, u32v a, u32v b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#else
-  const u32v top = u32v{} + 0xffff0000u, ah = a & top, bh = b & top, al = a << 16, bl = b << 16;
-  f32v fa, fb;
-  std::memcpy(&fa, &ah, sizeof(fa));
-  std::memcpy(&fb, &bh, sizeof(fb));
-  acc += fa * fb;
-  std::memcpy(&fa, &al, sizeof(fa));
-  std::memcpy(&fb, &bl, sizeof(fb));
-  return acc + fa * fb;
-#endif
 }
 
 // out[i][p] (=|+=) Σ_{j < np} xp[j·L + p] · W(i, k0 + 2j .. k0 + 2j + 1) for the QR rows i of
@@ -573,7 +587,7 @@ void gemm_lanes_tile(const acc_t<T>* xT, const T* W, int64_t ldq, int64_t ldk, O
                      const T* bias, int64_t K, int64_t P, int64_t q0, int64_t q1, bool accumulate) {
   constexpr int64_t N = VecOf<acc_t<T>>::lanes;
   constexpr int kMaxVecs = int(kLanesBlock / N);  // a block is 2 float or 4 double vectors
-#if TORCHMATGRAD_VEC_BYTES == 64
+#if defined(TORCHMATGRAD_BF16_DOT)
   if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<O, bf16_t>) {
     if (ldk == 1 && K >= 2) {
       switch_int<1, kMaxVecs>((P + N - 1) / N, [&](auto pv) {

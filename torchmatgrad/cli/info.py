@@ -45,8 +45,9 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             "cpu:few-rows",
             f"one pass over W: R ≤ {CPU_DOT_ROWS} dot products (2-8 W rows streaming side by "
             f"side); {CPU_DOT_ROWS + 1}..{FEW_ROWS} rows of x in the vector lanes, a register "
-            "tile of W rows broadcast per step; on AVX-512, 8-lane AVX2 vectors up to 8 rows "
-            "(and for a float16 or small float32 W), 16 lanes beyond (a bf16 W: in pairs of k)",
+            "tile of W rows broadcast per step (a 16-bit W widened a cache line ahead); on "
+            "AVX-512, AVX2's 8 lanes up to 8 rows and, but for float64, for a W under 2^18 "
+            "elements; 16 lanes beyond",
             "one pass over W, grad_W written once (into a block from the block cache); threads "
             "split W by rows (grad_input from per-thread partials, summed in order) or, for a "
             "short, wide W (256·n ≤ R·m), by columns (no partials)",
@@ -56,8 +57,8 @@ DISPATCH: dict[str, tuple[KernelPath, ...]] = {
             "cpu:tiled",
             f"tiled: blocks of {_C.cpu_lanes_block} rows of x (transposed, in the vector lanes) "
             "× 96 W rows per tile, k in 16 KiB slices of x, register tiles of 6 (AVX2) or 8 "
-            "(AVX-512) W rows × 2 vectors; a bf16 W on AVX-512: x in pairs of k, one 32-bit "
-            "broadcast of W per two elements (vdpbf16ps with AVX512-BF16)",
+            "(AVX-512) W rows × 2 vectors; a 16-bit W widened a cache line ahead (with "
+            "AVX512-BF16, a bf16 W: x in pairs of k, one vdpbf16ps per two elements)",
             "grad_W: below 128 rows, W rows split over threads, each summing R rows of X; from "
             "128 rows, the tiled kernel as a GEMM (Gᵀ in the lanes, X packed); grad_input: the "
             "tiled kernel reading W transposed in place",
