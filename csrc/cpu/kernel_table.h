@@ -129,8 +129,8 @@ const Table& table_narrow();
 // (table_narrow) where its 8-lane kernel measured faster than AVX-512's 16 lanes (Cascade Lake, 2
 // threads, forward, µs, AVX2 / AVX-512, best of 4-5 processes alternated): up to 8 rows, where a
 // 16-lane vector is half padding (float32 1024² with 8 rows 256 / 275, 2048² 961 / 1001; float16
-// 1024² 331 / 366; bf16 512² 124 / 134, 4096² 5731 / 6521; the exceptions, float32 4096² 4719 /
-// 4520 and bf16 1024² 356 / 323, are smaller), and 9 to 16 rows of a weight under 2^18 elements
+// 1024² 331 / 366; bf16 512² 124 / 134, 4096² 5731 / 6521; two exceptions, float32 4096² 4719 /
+// 4520 and bf16 1024² 356 / 323, by less), and 9 to 16 rows of a weight under 2^18 elements
 // (float32 256² with 16 rows 31.9 / 36.0, float16 45.7 / 52.1; 512² ties). Elsewhere table(): 9 to
 // 16 rows from 512² (float32 1024² with 16 rows 330 / 279, 4096² 5295 / 4645; float16 1024² 403 /
 // 372; bf16 463 / 329, 4096² 9496 / 5587), and float64 from 9 rows at every size (1024² with 16
