@@ -73,6 +73,7 @@ PyObject* PyInit__C(void) {
   // a number: an ImportError, not a crash.
   try {
     PyModule_AddStringConstant(module, "cpu_isa", torchmatgrad::cpu::table().isa);
+    PyModule_AddStringConstant(module, "cpu_amx", torchmatgrad::cpu::amx_status());
     PyModule_AddIntConstant(module, "cpu_lanes_block",
                             long(torchmatgrad::cpu::table().lanes_block));
     PyModule_AddIntConstant(module, "cpu_cache_limit_bytes",

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch  # noqa: F401  (before torchmatgrad's extension)
-
 from test_isa import ISAS
+
 from torchmatgrad import policy
 from torchmatgrad.cli import bench, info
 

@@ -1,12 +1,19 @@
 // Which ISA unit's kernels the launchers use: the widest the running CPU supports, unless the
-// environment variable TORCHMATGRAD_CPU_ISA names another (baseline, avx2, avx512, avx512bf16),
-// for tests and benchmarks of every variant on one machine. Picked once per process.
+// environment variable TORCHMATGRAD_CPU_ISA names another (baseline, avx2, avx512, avx512bf16,
+// amx, or amxemu: the AMX drivers on emulated tiles, never picked by default), for tests and
+// benchmarks of every variant on one machine. Picked once per process.
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #ifdef __linux__
+#include <sys/syscall.h>
 #include <unistd.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #endif
 
 #include <c10/util/Exception.h>
@@ -17,8 +24,53 @@
 namespace torchmatgrad::cpu {
 namespace {
 
+// AMX: CPUID.(EAX=7, ECX=0):EDX has AMX-BF16 (bit 22) and AMX-TILE (bit 24), and Linux (5.16 on)
+// hands a process the 8 KiB tile data state only when asked: arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), once per process. Without the grant the first tile instruction faults;
+// where it is refused (an older kernel, a container's seccomp policy) the next unit is used.
+struct AmxProbe {
+  bool usable = false;
+  std::string why;  // why not, when not usable
+};
+
+bool cpu_has(const char* isa);
+
+AmxProbe probe_amx() {
+  AmxProbe p;
+#if defined(__x86_64__) && defined(__linux__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) {
+    p.why = "the CPU has no AMX-BF16 (CPUID leaf 7: amx_bf16, amx_tile)";
+    return p;
+  }
+  if (!cpu_has("avx512bf16")) {
+    p.why = "the CPU has AMX but not AVX512-BF16, which the unit's other kernels use";
+    return p;
+  }
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
+    p.why = std::string(
+                "Linux refused the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, "
+                "XFEATURE_XTILEDATA): ") +
+            std::strerror(errno) + ")";
+    return p;
+  }
+  p.usable = true;
+#else
+  p.why = "AMX needs x86-64 Linux";
+#endif
+  return p;
+}
+
+const AmxProbe& amx_probe() {
+  static const AmxProbe p = probe_amx();
+  return p;
+}
+
 bool cpu_has(const char* isa) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (std::strcmp(isa, "amx") == 0) return amx_probe().usable;
+  if (std::strcmp(isa, "amxemu") == 0) return cpu_has("avx512");
   if (std::strcmp(isa, "avx512bf16") == 0)
     return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   if (std::strcmp(isa, "avx512") == 0)
@@ -32,16 +84,25 @@ bool cpu_has(const char* isa) {
   return std::strcmp(isa, "baseline") == 0;
 }
 
-const Table* pick() {
-  // Widest first.
-  const Table* candidates[] = {table_avx512bf16(), table_avx512(), table_avx2(), table_baseline()};
+const char* wanted_isa() {
   const char* wanted = std::getenv("TORCHMATGRAD_CPU_ISA");
+  return (wanted == nullptr || *wanted == '\0') ? nullptr : wanted;
+}
+
+const Table* pick() {
+  // Widest first; the emulated tiles only when asked for.
+  const Table* candidates[] = {table_amx(),  table_avx512bf16(), table_avx512(),
+                               table_avx2(), table_baseline(),   table_amxemu()};
+  const char* wanted = wanted_isa();
   for (const Table* t : candidates) {
     if (t == nullptr || !cpu_has(t->isa)) continue;
-    if (wanted == nullptr || *wanted == '\0' || std::strcmp(wanted, t->isa) == 0) return t;
+    if (wanted == nullptr ? std::strcmp(t->isa, "amxemu") != 0 : std::strcmp(wanted, t->isa) == 0)
+      return t;
   }
+  const bool amx = wanted != nullptr && std::strcmp(wanted, "amx") == 0;
   TORCH_CHECK(false, "TORCHMATGRAD_CPU_ISA must name an instruction set this CPU and build ",
-              "support (baseline, avx2, avx512, avx512bf16), got '", wanted, "'");
+              "support (baseline, avx2, avx512, avx512bf16, amx, amxemu), got '", wanted, "'",
+              amx ? ": " + amx_probe().why : std::string());
 }
 
 }  // namespace
@@ -53,23 +114,38 @@ const Table& table() {
 
 const Table& table_narrow() {
   static const Table* narrow = [] {
-    const char* forced = std::getenv("TORCHMATGRAD_CPU_ISA");
     const Table* avx2 = table_avx2();
-    if ((forced == nullptr || *forced == '\0') && std::strncmp(table().isa, "avx512", 6) == 0 &&
-        avx2 != nullptr && cpu_has("avx2"))
-      return avx2;
+    const bool wide =
+        std::strncmp(table().isa, "avx512", 6) == 0 || std::strcmp(table().isa, "amx") == 0;
+    if (wanted_isa() == nullptr && wide && avx2 != nullptr && cpu_has("avx2")) return avx2;
     return &table();
   }();
   return *narrow;
+}
+
+const char* amx_status() {
+  static const std::string status = [] {
+    const char* isa = table().isa;
+    if (std::strcmp(isa, "amx") == 0) return std::string("in use");
+    if (std::strcmp(isa, "amxemu") == 0)
+      return std::string(
+          "emulated (TORCHMATGRAD_CPU_ISA=amxemu: the AMX drivers on a software "
+          "model of the tiles, for tests)");
+    if (amx_probe().usable) return std::string("not used: TORCHMATGRAD_CPU_ISA=") + isa;
+    return "not used: " + amx_probe().why;
+  }();
+  return status.c_str();
 }
 
 const PerSampleTable& per_sample_table() {
   static const PerSampleTable* t = [] {
     const PerSampleTable* units[] = {per_sample_table_avx512(), per_sample_table_avx2(),
                                      per_sample_table_baseline()};
-    // By prefix: the avx512bf16 variants use the avx512 unit's per-sample kernels.
+    // By prefix: the avx512bf16 variants use the avx512 unit's per-sample kernels, and so do
+    // the AMX units (built on them).
+    const char* isa = std::strncmp(table().isa, "amx", 3) == 0 ? "avx512" : table().isa;
     for (const PerSampleTable* u : units)
-      if (u != nullptr && std::strncmp(u->isa, table().isa, std::strlen(u->isa)) == 0) return u;
+      if (u != nullptr && std::strncmp(u->isa, isa, std::strlen(u->isa)) == 0) return u;
     TORCH_CHECK(false, "no per-sample kernels for the instruction set ", table().isa);
   }();
   return *t;

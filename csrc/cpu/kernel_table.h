@@ -92,8 +92,36 @@ struct Reductions {
                      int64_t b0, int64_t b1);
 };
 
+// bf16 GEMMs on a matrix engine (tile_gemm.h): AMX tiles (isa_amx.cpp) or the same drivers
+// over a software model of the tiles (isa_amx_emu.cpp). A [M, K] is packed once into
+// Ap [tile_mp(M), tile_kp(K)] (zero-padded); each task packs panels of B itself, into a buffer
+// of panel_cols(K)·tile_kp(K) bf16.
+constexpr int64_t kTileK = 32;  // bf16 elements of k per tile row of A (64 bytes)
+inline int64_t tile_kp(int64_t K) {
+  return K <= kTileK ? kTileK : (K + kTileK - 1) / kTileK * kTileK;
+}
+inline int64_t tile_mp(int64_t M) {
+  return (M + 15) / 16 * 16;
+}
+
+struct TileGemm {
+  int64_t (*panel_cols)(int64_t K);
+  // Ap's rows [r0, r1) from A (element (m, k) at A[m·sm + k·sk]).
+  void (*pack_a)(const bf16_t* A, int64_t sm, int64_t sk, int64_t M, int64_t K, bf16_t* Ap,
+                 int64_t r0, int64_t r1);
+  // C rows [m0, m1) (m0 a multiple of 32), columns [n0, n1) (n0 a multiple of panel_cols) of
+  // C [M, N] (=|+=) Ap·B (+ bias [N]); B's element (k, n) at B[n·ldb + k] (b_nk) or
+  // B[k·ldb + n]; bp the task's panel buffer.
+  void (*gemm_bf16)(const bf16_t* Ap, int64_t M, int64_t K, const bf16_t* B, int64_t ldb, bool b_nk,
+                    int64_t N, bf16_t* C, int64_t ldc, const bf16_t* bias, bool accumulate,
+                    int64_t m0, int64_t m1, int64_t n0, int64_t n1, bf16_t* bp);
+  void (*gemm_f32)(const bf16_t* Ap, int64_t M, int64_t K, const bf16_t* B, int64_t ldb, bool b_nk,
+                   int64_t N, float* C, int64_t ldc, const bf16_t* bias, bool accumulate,
+                   int64_t m0, int64_t m1, int64_t n0, int64_t n1, bf16_t* bp);
+};
+
 struct Table {
-  const char* isa;      // "baseline", "avx2", "avx512", "avx512bf16"
+  const char* isa;      // "baseline", "avx2", "avx512", "avx512bf16", "amx", "amxemu"
   int64_t lanes_block;  // rows of x per block of gemm_lanes_tile (two float vectors)
   Kernels<float, float> f32;
   Kernels<double, double> f64;
@@ -105,6 +133,7 @@ struct Table {
   Reductions<double> red_f64;
   Reductions<bf16_t> red_bf16;
   Reductions<f16_t> red_f16;
+  TileGemm tile;  // all nullptr in a unit without a matrix engine
 };
 
 // The table of each unit; nullptr where that ISA is not compiled (not x86).
@@ -114,10 +143,21 @@ const Table* table_avx512();
 // AVX512-BF16 (isa_bf16.cpp): the avx512 table with the bf16 forward's lanes kernel on native
 // 16-bit pair dot products.
 const Table* table_avx512bf16();
+// AMX-BF16 (isa_amx.cpp): the avx512bf16 table with the bf16 GEMMs of more than kCpuDotRows rows
+// on the tiles. Used only where CPUID reports AMX-BF16 and AMX-TILE and Linux grants this process
+// the tile state.
+const Table* table_amx();
+// The AMX unit's drivers over a software model of the tiles (isa_amx_emu.cpp), on the avx512
+// table: never picked by default, only with TORCHMATGRAD_CPU_ISA=amxemu (tests/test_isa.py), so
+// that the packing, blocking, tails and epilogues run on any AVX-512 CPU.
+const Table* table_amxemu();
+// Whether the AMX unit is in use, and if not, why (the CPU, the kernel's grant, or
+// TORCHMATGRAD_CPU_ISA), for `info`.
+const char* amx_status();
 
 // The table the launchers use: the widest ISA the running CPU has, or the one named by the
-// environment variable TORCHMATGRAD_CPU_ISA (baseline / avx2 / avx512 / avx512bf16) when the
-// CPU has it. Chosen on first use, then fixed for the process.
+// environment variable TORCHMATGRAD_CPU_ISA (baseline / avx2 / avx512 / avx512bf16 / amx /
+// amxemu) when the CPU has it. Chosen on first use, then fixed for the process.
 const Table& table();
 
 // On an AVX-512 machine the AVX2 unit's table, else table() (also when TORCHMATGRAD_CPU_ISA

@@ -1031,6 +1031,7 @@ inline Table make_table(const char* isa) {
           reduction_set<float>(),
           reduction_set<double>(),
           reduction_set<bf16_t>(),
-          reduction_set<f16_t>()};
+          reduction_set<f16_t>(),
+          TileGemm{}};
 }
 #endif

@@ -147,6 +147,63 @@ void gemm_nt(const acc_t<T>* A, int64_t lda, const T* B, int64_t ldb, O* C, int6
   });
 }
 
+// ---- bf16 on the matrix engine --------------------------------------------------------------
+
+// The unit's tile GEMMs (tile_gemm.h), or nullptr where it has none (all but amx, amxemu).
+const cpu::TileGemm* tiles() {
+  const cpu::TileGemm& t = cpu::table().tile;
+  return t.gemm_bf16 != nullptr ? &t : nullptr;
+}
+
+// Multiply-adds a tile task must hold to be worth a thread: 2^22, about 4 µs of one core's
+// tiles at 1024 FLOP a cycle, near the cost of waking it.
+constexpr int64_t kMinTileWorkPerTask = int64_t(1) << 22;
+
+// C [M, N] (=|+=) A·B (+ bias [N]) on the tiles, C row-major (ldc). A [M, K] bf16 with any
+// strides (packed once, in parallel); B's element (k, n) at B[n·ldb + k] (b_nk) or B[k·ldb + n].
+// Tasks are panels of C's columns, split further by row blocks only when there are too few
+// panels for the threads: each task packs its panel of B once, so B is read from memory once per
+// row chunk.
+template <typename O>
+void tile_gemm(const cpu::TileGemm& tg, const at::Tensor& a, const bf16_t* B, int64_t ldb,
+               bool b_nk, int64_t N, O* C, int64_t ldc, const bf16_t* bias, bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1);
+  const int64_t Kp = cpu::tile_kp(K), Mp = cpu::tile_mp(M);
+  auto ap = at::empty({Mp, Kp}, a.options());
+  const bf16_t* A = ptr<bf16_t>(a);
+  const int64_t sm = a.stride(0), sk = a.stride(1);
+  at::parallel_for(0, Mp / 16, std::max<int64_t>(1, kMinWeightPerThread / (16 * Kp)),
+                   [&](int64_t b0, int64_t b1) {
+                     tg.pack_a(A, sm, sk, M, K, ptr<bf16_t>(ap), b0 * 16, b1 * 16);
+                   });
+  const int64_t panel = tg.panel_cols(K);
+  const int64_t npanels = (N + panel - 1) / panel, mblocks = (M + 31) / 32;
+  const int64_t threads = at::get_num_threads();
+  const int64_t mchunks =
+      npanels >= 2 * threads ? 1 : std::min(mblocks, (2 * threads + npanels - 1) / npanels);
+  const int64_t tasks = npanels * mchunks;
+  const int64_t per_task = std::max<int64_t>(1, M * N / tasks * K);
+  auto bp = at::empty({threads, panel * Kp}, a.options());
+  auto gemm = [&] {
+    if constexpr (std::is_same_v<O, float>)
+      return tg.gemm_f32;
+    else
+      return tg.gemm_bf16;
+  }();
+  at::parallel_for(0, tasks, std::max<int64_t>(1, kMinTileWorkPerTask / per_task),
+                   [&](int64_t t0, int64_t t1) {
+                     bf16_t* buf = ptr<bf16_t>(bp) + at::get_thread_num() * panel * Kp;
+                     for (int64_t t = t0; t < t1; ++t) {
+                       const int64_t pi = t / mchunks, c = t % mchunks;
+                       const int64_t m0 = 32 * (mblocks * c / mchunks);
+                       const int64_t m1 = 32 * (mblocks * (c + 1) / mchunks);
+                       const int64_t n0 = pi * panel, n1 = std::min(N, n0 + panel);
+                       gemm(ptr<bf16_t>(ap), M, K, B, ldb, b_nk, N, C, ldc, bias, accumulate, m0,
+                            m1, n0, n1, buf);
+                     }
+                   });
+}
+
 // grad_bias [n] = Σ_r G [R, n] over rows, in the accumulation type, then narrowed into gb.
 template <typename T>
 void bias_grad(const at::Tensor& g2d, const at::Tensor& gb) {
@@ -256,6 +313,19 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   // grad_W. Below, and for a handful of W rows (which the GEMM's lanes cannot fill), the
   // outer-product kernel, whose groups of 4 grad_W rows each stream all of X: cheaper when X is
   // short, since the GEMM's sums of only R terms are stored one element at a time.
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    // On the tiles: grad_W = Gᵀ·X (Gᵀ read through G's strides, X as [K = R, N = m]) and
+    // grad_input = G·W (W as [K = n, N = m]); nothing widened.
+    if (const cpu::TileGemm* tg = tiles()) {
+      if (gw.defined())
+        tile_gemm<O>(*tg, g2d.t(), ptr<bf16_t>(x2d), m, false, m, ptr<O>(gw), m, nullptr,
+                     accumulate);
+      if (gi.defined())
+        tile_gemm<bf16_t>(*tg, g2d, ptr<bf16_t>(w), m, false, m, ptr<bf16_t>(gi), m, nullptr,
+                          false);
+      return;
+    }
+  }
   auto g = g2d.to(acc_opts).contiguous();  // [R, n]: Gᵀ's element (j, r) at g[j + r·n]
   if (gw.defined() && n > kCpuDotRows && R >= kGradWeightGemmRows) {
     gemm_nt<T, O>(ptr<A_t>(g), 1, ptr<T>(x2d), 1, ptr<O>(gw), m, nullptr, n, m, R, accumulate,
@@ -285,13 +355,20 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   check_linear_args(input, weight, bias);
   if (use_vendor(policy::kForward, input, weight))
     return linear_forward_vendor(input, weight, bias);
-  const int64_t n = weight.size(0), m = weight.size(1);
-  // x is widened to the accumulation type once (it is small next to W); W stays as stored.
-  auto x = input.reshape({batch_rows(input), m}).to(acc_dtype(input.scalar_type())).contiguous();
+  const int64_t n = weight.size(0), m = weight.size(1), R = batch_rows(input);
   auto w = weight.contiguous();
   at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-  const int64_t R = x.size(0);
   auto y = at::empty({R, n}, input.options());
+  const cpu::TileGemm* tg = input.scalar_type() == at::kBFloat16 ? tiles() : nullptr;
+  if (tg != nullptr && R > kCpuDotRows) {
+    // On the tiles, x read through its strides (packed once), nothing widened.
+    if (y.numel() > 0)
+      tile_gemm<bf16_t>(*tg, input.reshape({R, m}), ptr<bf16_t>(w), m, true, n, ptr<bf16_t>(y), n,
+                        ptr<bf16_t>(b), false);
+    return y.view(output_shape(input, n));
+  }
+  // x is widened to the accumulation type once (it is small next to W); W stays as stored.
+  auto x = input.reshape({R, m}).to(acc_dtype(input.scalar_type())).contiguous();
   if (y.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                     "torchmatgrad_linear_cpu", [&] {

@@ -113,7 +113,17 @@ def dispatch_path(
     device_type = str(device_type).split(":")[0]
     if policy.path(op, dtype, n, n if m is None else m, rows, device_type) == "vendor":
         return f"{device_type}:{VENDOR[device_type]}"
+    if device_type == "cpu" and dtype == torch.bfloat16 and uses_tiles(rows, op):
+        return "cpu:tiles"
     return _kernel_path(device_type, rows).name
+
+
+def uses_tiles(rows: int, op: str = "forward") -> bool:
+    """Whether a bf16 call of ``rows`` rows runs on the matrix engine's tiles (the amx unit, or
+    amxemu's model of it): the forward above cpu_dot_rows rows, the backward above few_rows."""
+    if _C.cpu_isa not in ("amx", "amxemu"):
+        return False
+    return rows > (_C.cpu_dot_rows if op == "forward" else _C.few_rows)
 
 
 def _compact(paths: list[str]) -> list[tuple[str, str]]:
@@ -168,8 +178,9 @@ def policy_text(table: policy.PathTable) -> str:
 
 
 def cpu_isa() -> str:
-    """The instruction set torchmatgrad's CPU kernels run with on this machine ("avx512",
-    "avx2" or "baseline"), as the extension picked it from the running CPU."""
+    """The instruction set torchmatgrad's CPU kernels run with on this machine ("amx",
+    "avx512bf16", "avx512", "avx2" or "baseline"), as the extension picked it from the running
+    CPU."""
     return str(_C.cpu_isa)
 
 
@@ -201,6 +212,7 @@ def info_text() -> str:
         "Devices:",
         f"  cpu: {policy.cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
         f"{torch.get_num_threads()}, kernels use {cpu_isa()}",
+        f"  cpu AMX tiles (bf16 GEMMs): {_C.cpu_amx}",
         f"  cpu block cache (fresh grad_W and grad_input of 1 MiB or more): "
         f"{torchmatgrad.cpu_cached_bytes() / 2**20:.0f} MiB free, at most "
         f"{_C.cpu_cache_limit_bytes / 2**20:.0f} MiB kept (TORCHMATGRAD_CPU_CACHE_MB)",

@@ -45,6 +45,7 @@ ROW_KEYS = (
     "peer",
     "variant",
     "path",
+    "unit",
     "w_copies",
     "reps",
     "median_ms",
@@ -280,6 +281,7 @@ def run_point(
                     "peer": p.name,
                     "variant": p.variant,
                     "path": p.path,
+                    "unit": _unit(device, p.path),
                     "w_copies": k,
                     "reps": len(p.samples),
                     "median_ms": med * 1e3 if med else None,
@@ -301,6 +303,12 @@ def run_point(
     return rows
 
 
+def _unit(device: torch.device, path: str) -> str:
+    """The CPU unit of a row whose path runs a hand-written CPU kernel (amx, avx512bf16, ...)."""
+    kernels = [p for p in path.split("+") if p.startswith("cpu:") and "vendor" not in p]
+    return info.cpu_isa() if device.type == "cpu" and kernels else "-"
+
+
 def _error_row(device: torch.device, dtype_name: str, n: int, B: int, e: BaseException) -> dict:
     """A row for a grid point that could not be set up at all."""
     row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
@@ -315,6 +323,7 @@ def _error_row(device: torch.device, dtype_name: str, n: int, B: int, e: BaseExc
         peer="-",
         variant="-",
         path="-",
+        unit="-",
         error=_error_text(e),
     )
     return row

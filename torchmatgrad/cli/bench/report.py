@@ -35,6 +35,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         "peer",
         "variant",
         "path",
+        "unit",
         "ms",
         "GB/s",
         "TFLOP/s",
@@ -55,6 +56,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["peer"],
                 r["variant"],
                 r["path"],
+                r.get("unit") or "-",
                 _fmt(r["median_ms"], ".4g"),
                 _fmt(r["gbps"], ".3g"),
                 _fmt(r["tflops"], ".3g"),
@@ -67,7 +69,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    numeric = set(range(8, 14)) | {2, 3}
+    numeric = set(range(9, 15)) | {2, 3}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
