@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torchmatgrad
+from torchmatgrad import per_sample
 from torchmatgrad.testing import OpLog, assert_close, rand
 
 transformers = pytest.importorskip("transformers")
@@ -187,3 +188,38 @@ def test_import_does_not_load_transformers():
         "assert 'transformers' not in sys.modules, 'transformers imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- DP-SGD on GPT-2: per_sample on the converted model ---------------------------------------
+
+
+def _gpt2_loss(model, ids, labels):
+    logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), reduction="none"
+    )
+    return loss.view(ids.shape).mean(1)  # [B]: sample i's mean token loss
+
+
+def test_gpt2_clipped_backward_matches_the_per_sample_loop():
+    """Every parameter (Conv1D, LayerNorm, the tied wte/lm_head, the position embedding looked up
+    with ids [1, T]) gets the clipped sum of the definition, float64, ≤ 1e-9."""
+    from test_per_sample import check_against_loop
+
+    model = torchmatgrad.nn.convert_linear(gpt2())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids, labels = tokens(B=4), tokens(B=4, seed=2)
+    check_against_loop(model, lambda: _gpt2_loss(model, ids, labels))
+    # The position embedding's rows beyond T get nothing, the ones used get each sample's share.
+    wpe = model.transformer.wpe.weight.grad
+    assert wpe[T:].abs().max() == 0 and wpe[:T].abs().min() > 0
+
+
+def test_gpt2_position_embedding_used_otherwise_is_refused():
+    model = per_sample.enable(torchmatgrad.nn.convert_linear(gpt2()))
+    wpe = model.transformer.wpe
+    ids = tokens(B=2)
+    h = model.transformer.wte(ids) * wpe(torch.arange(T).unsqueeze(0))  # not an addition
+    loss = model.lm_head(h).square().mean((1, 2))
+    with pytest.raises(RuntimeError, match=r"Embedding's input has shape \[1, 13\], shared by"):
+        per_sample.clipped_backward(model, loss, 1.0)
