@@ -19,11 +19,11 @@ median of single steps, taken in rounds: each round runs every variant for STEPS
 consecutive steps and times all but the first (a variant's step right after another variant's
 finds the allocator's memory returned to the system: on the 2-core VM, interleaving step by step
 with Opacus's B·n·m-sized buffers made every variant 4-5 times slower than in a training loop).
-Memory: the peak of the bytes held by
-torch's allocator during one step (the parameters, inputs and targets included; on CPU from the
-profiler's allocation events, on CUDA ``max_memory_allocated`` less what the device held before
-the step). A check step with noise 0 compares the three DP gradients (they must agree to
-rounding). Opacus variants are skipped when Opacus is not installed.
+Memory: the peak of the bytes held during one step (the parameters, inputs and targets included;
+on CUDA ``max_memory_allocated`` less what the device held before the step; on CPU the profiler's
+allocation events plus the blocks torchmatgrad's CPU block cache hands out, which bypass torch's
+allocator and so its profiler: :func:`_cpu_peak`). A check step with noise 0 compares the three DP
+gradients (they must agree to rounding). Opacus variants are skipped when Opacus is not installed.
 """
 
 from __future__ import annotations
@@ -199,8 +199,96 @@ def _peak_bytes(device: torch.device, clear, step, model, x, y) -> int | None:
         step()
         torch.cuda.synchronize(device)
         return base + torch.cuda.max_memory_allocated(device) - before
-    peak = _compat.cpu_allocation_peak(step)
+    peak = _cpu_peak(step)
     return None if peak is None else base + peak
+
+
+#: The marker a block-cache output leaves in the profile: "<prefix> <storage ptr> <±bytes>".
+_MARK = "torchmatgrad.bench.block"
+_BLOCK_MIN_BYTES = 2**20  # the block cache's smallest block (csrc/cpu/block_cache.cpp)
+
+
+class _BlockTally(_compat.dispatch_mode_base()):
+    """Leaves a profiler marker for each fresh ≥ 1 MiB CPU output of a torchmatgrad op (grad_W,
+    grad_input: from the block cache, invisible to the profiler's allocation events) and one
+    when its storage dies (checked at every later op, so a free is seen at most one op late)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple] = {}
+
+    def sweep(self) -> None:
+        for ptr, (ref, n) in list(self.live.items()):
+            if ref.expired():
+                del self.live[ptr]
+                with torch.profiler.record_function(f"{_MARK} {ptr} {-n}"):
+                    pass
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self.sweep()
+        out = func(*args, **(kwargs or {}))
+        if func.namespace != "torchmatgrad":
+            return out
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in (*args, *(kwargs or {}).values())
+            if isinstance(a, torch.Tensor)
+        }
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            ptr, n = storage.data_ptr(), storage.nbytes()
+            if n >= _BLOCK_MIN_BYTES and ptr not in inputs and ptr not in self.live:
+                self.live[ptr] = (StorageWeakRef(storage), n)
+                with torch.profiler.record_function(f"{_MARK} {ptr} {n}"):
+                    pass
+        return out
+
+
+def _cpu_peak(step) -> int | None:
+    """The most bytes held at once during ``step()`` above what was held before: torch's
+    allocations (the profiler's allocation events, with their addresses) plus the block cache's
+    (the markers of :class:`_BlockTally`, counted when their address is not a live allocation
+    of torch's). None: this torch's profiler cannot say."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tally = _BlockTally()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with tally:
+                step()
+                tally.sweep()
+        events = []
+        todo = list(prof.profiler.kineto_results.experimental_event_tree())
+        while todo:
+            node = todo.pop()
+            todo.extend(node.children)
+            kind, fields = node.typed
+            if kind.name == "Allocation":
+                events.append((node.start_time_ns, False, fields.ptr, fields.alloc_size))
+            elif node.name.startswith(_MARK):
+                _, ptr, n = node.name.split()
+                events.append((node.start_time_ns, True, int(ptr), int(n)))
+    except AttributeError:  # the profiler's results changed shape
+        return None
+    events.sort(key=lambda e: e[0])
+    torch_live: set[int] = set()
+    blocks: dict[int, int] = {}
+    total = peak = 0
+    for _, marker, ptr, n in events:
+        if not marker:
+            (torch_live.add if n > 0 else torch_live.discard)(ptr)
+            total += n
+        elif n > 0 and ptr not in torch_live and ptr not in blocks:
+            blocks[ptr] = n
+            total += n
+        elif n < 0:
+            total -= blocks.pop(ptr, 0)
+        peak = max(peak, total)
+    return peak
 
 
 def _check(steps: dict[str, Any]) -> dict[str, float]:
