@@ -768,6 +768,26 @@ def test_bench_dp_runs(tmp_path, capsys):
     assert "torchmatgrad" in capsys.readouterr().out
 
 
+def test_bench_peak_counts_the_block_cache():
+    """A step's peak covers what it leaves alive: the gradients, 1 MiB and more of them from
+    the CPU block cache, which torch's profiler does not see."""
+    from torchmatgrad.cli.bench import dp, memory
+
+    model = torch.nn.Sequential(torchmatgrad.nn.Linear(600, 700), torchmatgrad.nn.Linear(700, 500))
+    x = rand(3, 600)
+
+    def step():
+        model(x).square().sum().backward()
+
+    step()
+    model.zero_grad(set_to_none=True)
+    peak = memory.cpu_peak(step)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    assert grads >= 2**20 and peak >= grads
+    assert peak < grads + 2**20  # activations are small here
+    assert dp.cpu_peak is memory.cpu_peak
+
+
 # ---- every CPU instruction set --------------------------------------------------------------
 
 

@@ -223,3 +223,17 @@ def test_gpt2_position_embedding_used_otherwise_is_refused():
     loss = model.lm_head(h).square().mean((1, 2))
     with pytest.raises(RuntimeError, match=r"Embedding's input has shape \[1, 13\], shared by"):
         per_sample.clipped_backward(model, loss, 1.0)
+
+
+def test_bench_dp_gpt2_runs(tmp_path):
+    import json
+
+    from torchmatgrad.cli import bench
+
+    argv = ["--case", "dp-gpt2", "--device", "cpu", "--d", "64", "--blocks", "1", "--B", "2"]
+    argv += ["--T", "5", "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--name", "g"]
+    assert bench.main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
+    for name in ("non-private", "torchmatgrad"):
+        assert rows[name]["error"] is None and rows[name]["model"] == "gpt2", rows[name]
+        assert rows[name]["median_ms"] > 0 and rows[name]["peak_mb"] > 0

@@ -22,8 +22,9 @@ with Opacus's B·n·m-sized buffers made every variant 4-5 times slower than in 
 Memory: the peak of the bytes held during one step (the parameters, inputs and targets included;
 on CUDA ``max_memory_allocated`` less what the device held before the step; on CPU the profiler's
 allocation events plus the blocks torchmatgrad's CPU block cache hands out, which bypass torch's
-allocator and so its profiler: :func:`_cpu_peak`). A check step with noise 0 compares the three DP
-gradients (they must agree to rounding). Opacus variants are skipped when Opacus is not installed.
+allocator and so its profiler: :func:`.memory.cpu_peak`). A check step with noise 0 compares the
+three DP gradients (they must agree to rounding). Opacus variants are skipped when Opacus is not
+installed; a variant that fails (Opacus's hooks mode on GPT-2) is reported with its error.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ import torch
 import torch.nn.functional as F
 
 import torchmatgrad
-from torchmatgrad import _compat, per_sample
+from torchmatgrad import per_sample
 
 from .machine import _device_name, _loadavg, machine_info
+from .memory import cpu_peak
 from .timing import _error_text, _Peer, _sync, _warm
 
 VARIANTS = ("non-private", "torchmatgrad", "opacus-hooks", "opacus-ghost")
@@ -113,21 +115,32 @@ def _opacus():
     }
 
 
-def _steps(base: torch.nn.Module, x, y, noise: float, generator_seed: int) -> dict[str, Any]:
+def _steps(
+    base: torch.nn.Module,
+    x,
+    y,
+    noise: float,
+    generator_seed: int,
+    criterion=PerSampleMSE,
+    prepare=lambda m: m,
+) -> dict[str, Any]:
     """One step function per variant (each on its own copy of ``base``) and how to clear it:
-    {variant: (zero_grad, step, parameters)}."""
+    {variant: (zero_grad, step, parameters)}. ``criterion(reduction)``: the loss module;
+    ``prepare``: what the non-private and torchmatgrad variants do to their copy (e.g.
+    convert_linear); Opacus gets ``base`` as it is."""
+    PerSampleMSE = criterion  # noqa: N806  (the loss of this run)
     B = x.shape[0]
     out: dict[str, Any] = {}
     device = x.device
 
-    model = copy.deepcopy(base)
+    model = prepare(copy.deepcopy(base))
 
     def plain():
         PerSampleMSE()(model(x), y).backward()
 
     out["non-private"] = (lambda m=model: m.zero_grad(set_to_none=True), plain, model)
 
-    ours = per_sample.enable(copy.deepcopy(base))
+    ours = per_sample.enable(prepare(copy.deepcopy(base)))
     gen = torch.Generator(device=device).manual_seed(generator_seed)
 
     def dp():
@@ -199,96 +212,8 @@ def _peak_bytes(device: torch.device, clear, step, model, x, y) -> int | None:
         step()
         torch.cuda.synchronize(device)
         return base + torch.cuda.max_memory_allocated(device) - before
-    peak = _cpu_peak(step)
+    peak = cpu_peak(step)
     return None if peak is None else base + peak
-
-
-#: The marker a block-cache output leaves in the profile: "<prefix> <storage ptr> <±bytes>".
-_MARK = "torchmatgrad.bench.block"
-_BLOCK_MIN_BYTES = 2**20  # the block cache's smallest block (csrc/cpu/block_cache.cpp)
-
-
-class _BlockTally(_compat.dispatch_mode_base()):
-    """Leaves a profiler marker for each fresh ≥ 1 MiB CPU output of a torchmatgrad op (grad_W,
-    grad_input: from the block cache, invisible to the profiler's allocation events) and one
-    when its storage dies (checked at every later op, so a free is seen at most one op late)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple] = {}
-
-    def sweep(self) -> None:
-        for ptr, (ref, n) in list(self.live.items()):
-            if ref.expired():
-                del self.live[ptr]
-                with torch.profiler.record_function(f"{_MARK} {ptr} {-n}"):
-                    pass
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self.sweep()
-        out = func(*args, **(kwargs or {}))
-        if func.namespace != "torchmatgrad":
-            return out
-        inputs = {
-            a.untyped_storage().data_ptr()
-            for a in (*args, *(kwargs or {}).values())
-            if isinstance(a, torch.Tensor)
-        }
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            ptr, n = storage.data_ptr(), storage.nbytes()
-            if n >= _BLOCK_MIN_BYTES and ptr not in inputs and ptr not in self.live:
-                self.live[ptr] = (StorageWeakRef(storage), n)
-                with torch.profiler.record_function(f"{_MARK} {ptr} {n}"):
-                    pass
-        return out
-
-
-def _cpu_peak(step) -> int | None:
-    """The most bytes held at once during ``step()`` above what was held before: torch's
-    allocations (the profiler's allocation events, with their addresses) plus the block cache's
-    (the markers of :class:`_BlockTally`, counted when their address is not a live allocation
-    of torch's). None: this torch's profiler cannot say."""
-    from torch.profiler import ProfilerActivity, profile
-
-    tally = _BlockTally()
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            with tally:
-                step()
-                tally.sweep()
-        events = []
-        todo = list(prof.profiler.kineto_results.experimental_event_tree())
-        while todo:
-            node = todo.pop()
-            todo.extend(node.children)
-            kind, fields = node.typed
-            if kind.name == "Allocation":
-                events.append((node.start_time_ns, False, fields.ptr, fields.alloc_size))
-            elif node.name.startswith(_MARK):
-                _, ptr, n = node.name.split()
-                events.append((node.start_time_ns, True, int(ptr), int(n)))
-    except AttributeError:  # the profiler's results changed shape
-        return None
-    events.sort(key=lambda e: e[0])
-    torch_live: set[int] = set()
-    blocks: dict[int, int] = {}
-    total = peak = 0
-    for _, marker, ptr, n in events:
-        if not marker:
-            (torch_live.add if n > 0 else torch_live.discard)(ptr)
-            total += n
-        elif n > 0 and ptr not in torch_live and ptr not in blocks:
-            blocks[ptr] = n
-            total += n
-        elif n < 0:
-            total -= blocks.pop(ptr, 0)
-        peak = max(peak, total)
-    return peak
 
 
 def _check(steps: dict[str, Any]) -> dict[str, float]:
@@ -299,7 +224,11 @@ def _check(steps: dict[str, Any]) -> dict[str, float]:
         if name == "non-private":
             continue
         clear()
-        step()
+        try:
+            step()
+        except Exception:  # reported by the timed steps, which fail the same way
+            clear()
+            continue
         grads[name] = torch.cat([p.grad.flatten().double() for p in model.parameters()])
         clear()
     ref = grads["torchmatgrad"]
@@ -346,6 +275,15 @@ def _sample_turns(peers, device: torch.device, rounds: int, max_time: float) -> 
                     p.samples.append(dt)
 
 
+def _stack_setup(blocks: int, d: int, B: int, T: int, device: torch.device, seed: int):
+    """The default model: make_model's stack, random inputs and regression targets."""
+    base = make_model(blocks, d, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, d, generator=g).to(device)
+    y = torch.randn(B, T, d, generator=g).to(device)
+    return base, x, y, {}
+
+
 def run_point(
     device: torch.device,
     blocks: int,
@@ -356,13 +294,15 @@ def run_point(
     warmup: int,
     max_time: float,
     seed: int,
+    which: str = "stack",
 ) -> list[dict[str, Any]]:
-    base = make_model(blocks, d, device, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(B, T, d, generator=g).to(device)
-    y = torch.randn(B, T, d, generator=g).to(device)
-    agreement = _check(_steps(base, x, y, 0.0, seed))
-    steps = _steps(base, x, y, NOISE, seed)
+    if which == "gpt2":
+        from .dp_gpt2 import setup
+    else:
+        setup = _stack_setup
+    base, x, y, kw = setup(blocks, d, B, T, device, seed)
+    agreement = _check(_steps(base, x, y, 0.0, seed, **kw))
+    steps = _steps(base, x, y, NOISE, seed, **kw)
     peers = [
         _Peer(name, "-", "-", lambda i, c=clear: c(), lambda i, s=step: s())
         for name, (clear, step, _) in steps.items()
@@ -376,6 +316,7 @@ def run_point(
         row: dict[str, Any] = {
             "device": str(device),
             "device_name": _device_name(device),
+            "model": which,
             "blocks": blocks,
             "d": d,
             "B": B,
@@ -439,6 +380,7 @@ def main(args) -> int:
 
 def _main(args) -> int:
     devices = [torch.device(s) for s in (args.device or ["cpu"])]
+    model = "gpt2" if "dp-gpt2" in (args.case or ()) else "stack"
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     meta = machine_info(devices)
@@ -454,13 +396,15 @@ def _main(args) -> int:
         warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 3)
         max_time = args.max_time if args.max_time is not None else time0
         print(
-            f"{device}: {_device_name(device)}; {blocks} blocks, d = {args.d}, "
+            f"{device}: {_device_name(device)}; {model}, {blocks} blocks, d = {args.d}, "
             f"{torch.get_num_threads()} threads, path policy {torchmatgrad.policy.current_path()}; "
             f"load average {_loadavg()}"
         )
         for B in Bs:
             for T in Ts:
-                rows += run_point(device, blocks, args.d, B, T, reps, warmup, max_time, args.seed)
+                rows += run_point(
+                    device, blocks, args.d, B, T, reps, warmup, max_time, args.seed, model
+                )
                 print(format_rows([r for r in rows if r["B"] == B and r["T"] == T]), flush=True)
     elapsed = time.perf_counter() - t0
     meta["loadavg_end"] = _loadavg()
