@@ -9,11 +9,16 @@ it subclasses transformers' Conv1D, so ``isinstance`` checks in transformers (we
 pruning, PEFT) still see one.
 
 ``W.t()`` is a view with strides (1, nf). The vendor route (ATen ``addmm``, taken for many rows)
-reads it as it is; the hand-written CPU kernels read W as row-major [out, in] and copy a
-transposed view once per call, and the gradient they return is [out, in], which autograd
-transposes and AccumulateGrad copies into ``weight.grad``'s [in, out] layout: at few rows
-(generation, 1–16 tokens) a converted Conv1D is slower than transformers' own until the CPU
-launchers read a weight of strides (1, out) directly (docs/per_sample.md has the numbers).
+reads it as it is. The hand-written CPU kernels (few rows) read W as row-major [out, in]: the
+launchers copy a transposed view once per call (forward and backward), and the gradient they
+return is [out, in], which autograd transposes and AccumulateGrad copies into ``weight.grad``'s
+[in, out] layout. Measured (AMD EPYC, 2 cores, torch 2.14.1, float32, GPT-2 small's c_fc
+768 → 3072), transformers' Conv1D against this one: forward 0.23 against 3.4 ms at 1 row,
+0.81 against 4.3 at 16, 2.3 against 2.1 at 64, 12.3 against 12.3 at 512; forward + backward
+0.86 against 12.6 ms at 1 row, 3.4 against 16.0 at 16, 6.4 against 8.8 at 64, 40.7 against
+41.5 at 512. The same kernels on a contiguous [out, in] weight: 0.11 / 0.27 ms at 1 row. So
+at few rows (generation) a converted Conv1D is slower than transformers' own until the CPU
+launchers read a weight of strides (1, out) directly (and return grad_W in the weight's strides).
 
 This module imports transformers: :mod:`torchmatgrad.integrations` loads it only when
 ``transformers.pytorch_utils`` is already imported.
