@@ -165,14 +165,13 @@ def _region(node, stops: set) -> set:
 
 def _own_edges(layer: _Layer) -> set:
     """The (node, slot) edges through which a recorded call's own parameters get gradients."""
-    module, node = layer.record.module, layer.node
+    node = layer.node
     if layer.kind == "linear":
         return {(node, 1), (node, 2)}
     if layer.kind == "conv1d":  # the weight enters as W.t(): through that transpose's node
         t_node = node.next_functions[1][0]
         return {(node, 2), (t_node, 0)} if t_node is not None else {(node, 2)}
     region = _region(node, set(layer.record.input_nodes))
-    del module
     return {(n, k) for n in region for k in range(len(n.next_functions))}
 
 
