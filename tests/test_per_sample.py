@@ -581,30 +581,79 @@ def test_error_without_enable():
         per_sample.grad_norms(model, loss)
 
 
-def test_error_weight_tying_and_reuse():
-    lin = torchmatgrad.nn.Linear(5, 5)
-    model = per_sample.enable(torch.nn.Sequential(lin, torch.nn.Tanh(), lin))
+def loop_reference(model, loss, max_norm):
+    """The definition: each sample's gradient by its own backward, its norm over every
+    parameter, and Σ_i min(1, C / (‖∇_i‖ + 1e-6))·∇_i, in the parameters' dtype."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    per = [
+        torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True)
+        for i in range(loss.shape[0])
+    ]
+    per = [
+        [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
+        for gs in per
+    ]
+    norms = torch.stack([torch.cat([g.flatten() for g in gs]).norm() for gs in per])
+    clip = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    summed = [sum(c * gs[k] for c, gs in zip(clip, per, strict=True)) for k in range(len(params))]
+    return norms, dict(zip(params, summed, strict=True))
+
+
+def check_against_loop(model, forward, tol=1e-9):
+    """clipped_backward and grad_norms on ``model`` (float64) against loop_reference, with the
+    clipping bound between the samples' norms (some clipped, some not)."""
+    per_sample.enable(model)
+    ref_norms, _ = loop_reference(model, forward(), 1.0)
+    max_norm = ref_norms.median().item() * 1.01
+    ref_norms, ref = loop_reference(model, forward(), max_norm)
+    got_norms = per_sample.grad_norms(model, forward())
+    model.zero_grad(set_to_none=True)
+    clipped = per_sample.clipped_backward(model, forward(), max_norm)
+    for norms in (got_norms, clipped):
+        assert ((norms - ref_norms).abs() <= tol * ref_norms.abs().max()).all(), (norms, ref_norms)
+    names = {p: n for n, p in model.named_parameters()}
+    for p, want in ref.items():
+        err = (p.grad - want).abs().max() / want.abs().max().clamp_min(1e-300)
+        assert err <= tol, f"{names[p]}: relative error {err:.3g}"
+    return ref_norms
+
+
+def test_module_called_twice_and_tied_embedding_head():
+    torch.manual_seed(0)
+    lin = torchmatgrad.nn.Linear(5, 5).double()
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+    x, y = rand(3, 5, dtype=torch.float64), rand(3, 5, dtype=torch.float64)
+    check_against_loop(model, lambda: _loss(model(x), y))
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(7, 5, padding_idx=0)
+            self.pos = torch.nn.Embedding(3, 5)
+            self.head = torchmatgrad.nn.Linear(5, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            pos = self.pos(torch.arange(idx.shape[1]).unsqueeze(0))  # [1, T]: shared
+            h = torch.tanh(self.emb(idx) + pos)
+            return self.head(h * self.emb(idx[:, :1]))  # the embedding called twice
+
+    torch.manual_seed(1)
+    model = Tied().double()
+    idx = torch.tensor([[1, 2, 2], [3, 0, 1], [6, 6, 6], [2, 5, 4]])
+    y = rand(4, 3, 7, dtype=torch.float64)
+    check_against_loop(model, lambda: _loss(model(idx), y))
+
+
+def test_error_reused_module_of_another_kind():
+    norm = torch.nn.LayerNorm(5)
+    model = per_sample.enable(torch.nn.Sequential(norm, torch.nn.Tanh(), norm))
     loss = _loss(model(rand(3, 5)), rand(3, 5))
     with pytest.raises(
         RuntimeError, match=r"parameters '0.weight', '0.bias' are used by more than one layer call"
     ):
         per_sample.clipped_backward(model, loss, 1.0)
-    assert lin.weight.grad is None
-
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(7, 5)
-            self.head = torchmatgrad.nn.Linear(5, 7, bias=False)
-            self.head.weight = self.emb.weight
-
-        def forward(self, idx):
-            return self.head(self.emb(idx))
-
-    model = per_sample.enable(Tied())
-    loss = _loss(model(torch.tensor([[1, 2], [3, 4]])), rand(2, 2, 7))
-    with pytest.raises(RuntimeError, match=r"used by more than one layer call"):
-        per_sample.grad_norms(model, loss)
+    assert norm.weight.grad is None
 
 
 def test_error_parameter_used_outside_its_layer():
@@ -717,6 +766,26 @@ def test_bench_dp_runs(tmp_path, capsys):
         if name in rows:  # the three DP steps agree (noise 0)
             assert rows[name]["grad_rel_diff_vs_torchmatgrad"] < 1e-5
     assert "torchmatgrad" in capsys.readouterr().out
+
+
+def test_bench_peak_counts_the_block_cache():
+    """A step's peak covers what it leaves alive: the gradients, 1 MiB and more of them from
+    the CPU block cache, which torch's profiler does not see."""
+    from torchmatgrad.cli.bench import dp, memory
+
+    model = torch.nn.Sequential(torchmatgrad.nn.Linear(600, 700), torchmatgrad.nn.Linear(700, 500))
+    x = rand(3, 600)
+
+    def step():
+        model(x).square().sum().backward()
+
+    step()
+    model.zero_grad(set_to_none=True)
+    peak = memory.cpu_peak(step)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    assert grads >= 2**20 and peak >= grads
+    assert peak < grads + 2**20  # activations are small here
+    assert dp.cpu_peak is memory.cpu_peak
 
 
 # ---- every CPU instruction set --------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .accumulate import check_mode
+from .integrations import convert_module as _convert_other
 from .ops import linear
 
 __all__ = ["Linear", "convert_linear", "set_grad_accumulation"]
@@ -76,12 +77,19 @@ def convert_linear(
     Only modules whose type is exactly ``torch.nn.Linear`` are replaced: subclasses may
     override ``forward`` and are left alone. If ``model`` itself is an ``nn.Linear`` it cannot
     be replaced in place, so the converted module is returned instead.
+
+    Linear maps of outside libraries are converted too (:mod:`torchmatgrad.integrations`: Hugging
+    Face's ``Conv1D``), again sharing their parameters.
     """
     if type(model) is torch.nn.Linear:
         return Linear.from_linear(model, grad_accumulation=grad_accumulation)
+    if (other := _convert_other(model, grad_accumulation=grad_accumulation)) is not None:
+        return other
     for name, child in model.named_children():
         if type(child) is torch.nn.Linear:
             setattr(model, name, Linear.from_linear(child, grad_accumulation=grad_accumulation))
+        elif (other := _convert_other(child, grad_accumulation=grad_accumulation)) is not None:
+            setattr(model, name, other)
         else:
             convert_linear(child, grad_accumulation=grad_accumulation)
     return model

@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--case",
         nargs="+",
-        choices=(*CASES, "dp"),
-        help="default: all but dp; dp (the DP-SGD step, see .dp) runs alone",
+        choices=(*CASES, "dp", "dp-gpt2"),
+        help="default: all but dp; dp (the DP-SGD step, see .dp) and dp-gpt2 (the same for a "
+        "Hugging Face GPT-2, .dp_gpt2) run alone",
     )
     p.add_argument("--T", nargs="+", type=int, help="dp: tokens per sample (default CPU 16 64)")
     p.add_argument("--blocks", type=int, help="dp: transformer blocks (default CPU 4, CUDA 12)")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ``-<device>.png``. Returns 0, or 2 on a bad request (e.g. CUDA asked for but absent)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.case and "dp" in args.case:
+    if args.case and {"dp", "dp-gpt2"} & set(args.case):
         if len(args.case) > 1:
             parser.error("--case dp runs on its own")
         if args.threads:

@@ -19,11 +19,12 @@ median of single steps, taken in rounds: each round runs every variant for STEPS
 consecutive steps and times all but the first (a variant's step right after another variant's
 finds the allocator's memory returned to the system: on the 2-core VM, interleaving step by step
 with Opacus's B·n·m-sized buffers made every variant 4-5 times slower than in a training loop).
-Memory: the peak of the bytes held by
-torch's allocator during one step (the parameters, inputs and targets included; on CPU from the
-profiler's allocation events, on CUDA ``max_memory_allocated`` less what the device held before
-the step). A check step with noise 0 compares the three DP gradients (they must agree to
-rounding). Opacus variants are skipped when Opacus is not installed.
+Memory: the peak of the bytes held during one step (the parameters, inputs and targets included;
+on CUDA ``max_memory_allocated`` less what the device held before the step; on CPU the profiler's
+allocation events plus the blocks torchmatgrad's CPU block cache hands out, which bypass torch's
+allocator and so its profiler: :func:`.memory.cpu_peak`). A check step with noise 0 compares the
+three DP gradients (they must agree to rounding). Opacus variants are skipped when Opacus is not
+installed; a variant that fails (Opacus's hooks mode on GPT-2) is reported with its error.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ import torch
 import torch.nn.functional as F
 
 import torchmatgrad
-from torchmatgrad import _compat, per_sample
+from torchmatgrad import per_sample
 
 from .machine import _device_name, _loadavg, machine_info
+from .memory import cpu_peak
 from .timing import _error_text, _Peer, _sync, _warm
 
 VARIANTS = ("non-private", "torchmatgrad", "opacus-hooks", "opacus-ghost")
@@ -113,21 +115,32 @@ def _opacus():
     }
 
 
-def _steps(base: torch.nn.Module, x, y, noise: float, generator_seed: int) -> dict[str, Any]:
+def _steps(
+    base: torch.nn.Module,
+    x,
+    y,
+    noise: float,
+    generator_seed: int,
+    criterion=PerSampleMSE,
+    prepare=lambda m: m,
+) -> dict[str, Any]:
     """One step function per variant (each on its own copy of ``base``) and how to clear it:
-    {variant: (zero_grad, step, parameters)}."""
+    {variant: (zero_grad, step, parameters)}. ``criterion(reduction)``: the loss module;
+    ``prepare``: what the non-private and torchmatgrad variants do to their copy (e.g.
+    convert_linear); Opacus gets ``base`` as it is."""
+    PerSampleMSE = criterion  # noqa: N806  (the loss of this run)
     B = x.shape[0]
     out: dict[str, Any] = {}
     device = x.device
 
-    model = copy.deepcopy(base)
+    model = prepare(copy.deepcopy(base))
 
     def plain():
         PerSampleMSE()(model(x), y).backward()
 
     out["non-private"] = (lambda m=model: m.zero_grad(set_to_none=True), plain, model)
 
-    ours = per_sample.enable(copy.deepcopy(base))
+    ours = per_sample.enable(prepare(copy.deepcopy(base)))
     gen = torch.Generator(device=device).manual_seed(generator_seed)
 
     def dp():
@@ -199,7 +212,7 @@ def _peak_bytes(device: torch.device, clear, step, model, x, y) -> int | None:
         step()
         torch.cuda.synchronize(device)
         return base + torch.cuda.max_memory_allocated(device) - before
-    peak = _compat.cpu_allocation_peak(step)
+    peak = cpu_peak(step)
     return None if peak is None else base + peak
 
 
@@ -211,7 +224,11 @@ def _check(steps: dict[str, Any]) -> dict[str, float]:
         if name == "non-private":
             continue
         clear()
-        step()
+        try:
+            step()
+        except Exception:  # reported by the timed steps, which fail the same way
+            clear()
+            continue
         grads[name] = torch.cat([p.grad.flatten().double() for p in model.parameters()])
         clear()
     ref = grads["torchmatgrad"]
@@ -258,6 +275,15 @@ def _sample_turns(peers, device: torch.device, rounds: int, max_time: float) -> 
                     p.samples.append(dt)
 
 
+def _stack_setup(blocks: int, d: int, B: int, T: int, device: torch.device, seed: int):
+    """The default model: make_model's stack, random inputs and regression targets."""
+    base = make_model(blocks, d, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, d, generator=g).to(device)
+    y = torch.randn(B, T, d, generator=g).to(device)
+    return base, x, y, {}
+
+
 def run_point(
     device: torch.device,
     blocks: int,
@@ -268,13 +294,15 @@ def run_point(
     warmup: int,
     max_time: float,
     seed: int,
+    which: str = "stack",
 ) -> list[dict[str, Any]]:
-    base = make_model(blocks, d, device, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(B, T, d, generator=g).to(device)
-    y = torch.randn(B, T, d, generator=g).to(device)
-    agreement = _check(_steps(base, x, y, 0.0, seed))
-    steps = _steps(base, x, y, NOISE, seed)
+    if which == "gpt2":
+        from .dp_gpt2 import setup
+    else:
+        setup = _stack_setup
+    base, x, y, kw = setup(blocks, d, B, T, device, seed)
+    agreement = _check(_steps(base, x, y, 0.0, seed, **kw))
+    steps = _steps(base, x, y, NOISE, seed, **kw)
     peers = [
         _Peer(name, "-", "-", lambda i, c=clear: c(), lambda i, s=step: s())
         for name, (clear, step, _) in steps.items()
@@ -288,6 +316,7 @@ def run_point(
         row: dict[str, Any] = {
             "device": str(device),
             "device_name": _device_name(device),
+            "model": which,
             "blocks": blocks,
             "d": d,
             "B": B,
@@ -351,6 +380,7 @@ def main(args) -> int:
 
 def _main(args) -> int:
     devices = [torch.device(s) for s in (args.device or ["cpu"])]
+    model = "gpt2" if "dp-gpt2" in (args.case or ()) else "stack"
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     meta = machine_info(devices)
@@ -366,13 +396,15 @@ def _main(args) -> int:
         warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 3)
         max_time = args.max_time if args.max_time is not None else time0
         print(
-            f"{device}: {_device_name(device)}; {blocks} blocks, d = {args.d}, "
+            f"{device}: {_device_name(device)}; {model}, {blocks} blocks, d = {args.d}, "
             f"{torch.get_num_threads()} threads, path policy {torchmatgrad.policy.current_path()}; "
             f"load average {_loadavg()}"
         )
         for B in Bs:
             for T in Ts:
-                rows += run_point(device, blocks, args.d, B, T, reps, warmup, max_time, args.seed)
+                rows += run_point(
+                    device, blocks, args.d, B, T, reps, warmup, max_time, args.seed, model
+                )
                 print(format_rows([r for r in rows if r["B"] == B and r["T"] == T]), flush=True)
     elapsed = time.perf_counter() - t0
     meta["loadavg_end"] = _loadavg()
