@@ -3,7 +3,18 @@ GGN and gradient moments, a lazy Kronecker-factored operator, the explicit secon
 of one layer, and the BackPACK / laplace-torch integrations (docs/curvature.md).
 """
 
+from . import backpack_support
+from .diag import diag_ggn, gradient_moments
 from .kfac import KFAC, kfac
 from .operator import KroneckerBlock, KroneckerOperator
 
-__all__ = ["KFAC", "KroneckerBlock", "KroneckerOperator", "kfac"]
+__all__ = [
+    "KFAC",
+    "KroneckerBlock",
+    "KroneckerOperator",
+    "diag_ggn",
+    "gradient_moments",
+    "kfac",
+]
+
+backpack_support.register_now_or_on_import()
