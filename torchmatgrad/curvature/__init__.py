@@ -18,3 +18,11 @@ __all__ = [
 ]
 
 backpack_support.register_now_or_on_import()
+
+
+def __getattr__(name: str):
+    if name == "LaplaceBackend":  # imports laplace-torch: only when asked for
+        from .laplace_backend import LaplaceBackend
+
+        return LaplaceBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,9 +16,13 @@ from torch import Tensor
 from ..nn import Linear
 
 
-def linear_layers(model: torch.nn.Module) -> list[tuple[str, Linear]]:
-    """The model's torchmatgrad.nn.Linear modules with their names; an error names the fix."""
+def linear_layers(model: torch.nn.Module, params=None) -> list[tuple[str, Linear]]:
+    """The model's torchmatgrad.nn.Linear modules with their names (only those with a
+    parameter in ``params`` when given); an error names the fix."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+    if params is not None:
+        ids = {id(p) for p in params}
+        layers = [(n, m) for n, m in layers if any(id(p) in ids for p in m.parameters())]
     if not layers:
         raise ValueError(
             "model must contain torchmatgrad.nn.Linear layers (convert it with "

@@ -41,8 +41,8 @@ def _as_btd(t: Tensor) -> Tensor:
 class _Squares:
     """Per-layer Σ_n (∇_n)², accumulated over the backwards in flight with weight ``scale``."""
 
-    def __init__(self, model):
-        self.layers = linear_layers(model)
+    def __init__(self, model, params=None):
+        self.layers = linear_layers(model, params)
         self.names = {layer: name for name, layer in self.layers}
         self.out: dict[str, Tensor] = {}
         self.scale = 0.0
@@ -80,6 +80,7 @@ def diag_ggn(
     *,
     mc_samples: int | None = None,
     seed: int = DEFAULT_SEED,
+    params: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The GGN's diagonal for every torchmatgrad.nn.Linear parameter, keyed "layer.weight" /
     "layer.bias" as in ``model.named_parameters()``.
@@ -87,11 +88,12 @@ def diag_ggn(
     Args:
         mc_samples: None for the exact diagonal (R·C backwards), else the MC estimate from
             this many sampled backwards (targets drawn with a generator seeded by ``seed``).
+        params: only the layers with a parameter in this list (default: every layer).
     """
     _loss.check_loss(loss_func)
     if mc_samples is not None and (not isinstance(mc_samples, int) or mc_samples < 1):
         raise ValueError(f"mc_samples must be None or a positive int, got {mc_samples!r}")
-    sq = _Squares(model)
+    sq = _Squares(model, params)
     ws = sq.weights()
     with record(sq.layers, sq.on_input, sq.on_grad):
         output = model(X)

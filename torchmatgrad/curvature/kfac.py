@@ -76,6 +76,7 @@ class KFAC:
         separate_weight_and_bias: give the bias its own block G (curvlinops' default) instead
             of appending 1 to x (the default here: the bias is the last column of [W | b]).
         seed: seed of the generator the "mc" targets are drawn with (curvlinops' default).
+        params: only the layers with a parameter in this list (default: every layer).
 
     Usage::
 
@@ -94,6 +95,7 @@ class KFAC:
         kfac_approx: str = "expand",
         separate_weight_and_bias: bool = False,
         seed: int = DEFAULT_SEED,
+        params: list[Tensor] | None = None,
     ) -> None:
         _loss.check_loss(loss_func)
         _check_choice("fisher_type", fisher_type, FISHER_TYPES)
@@ -108,7 +110,7 @@ class KFAC:
         self.fisher_type, self.mc_samples, self.kfac_approx = fisher_type, mc_samples, kfac_approx
         self.separate = separate_weight_and_bias
         self.seed = seed
-        self.layers = linear_layers(model)
+        self.layers = linear_layers(model, params)
         self.reset()
 
     def reset(self) -> None:
