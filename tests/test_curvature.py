@@ -282,3 +282,33 @@ def test_errors_name_the_argument():
         curvature.KFAC(torch.nn.Sequential(torch.nn.Linear(2, 2)), lf)
     with pytest.raises(ValueError, match="no data yet"):
         curvature.KFAC(model, lf).operator()
+
+
+# ---- EK-FAC -----------------------------------------------------------------------------------
+# Enough data that no factor is rank-deficient: with a repeated eigenvalue the eigenbasis, and so
+# EK-FAC's corrected eigenvalues, are not unique (curvlinops' and ours would differ by basis).
+# curvlinops' EK-FAC takes 2-D outputs only, so the sequence model pools over T before its
+# last layer ("pooled": the first layer still shares its weight over T).
+
+
+EKFAC_CASES = [c for c in CASES if c[0] == "mlp"] + [
+    ("pooled", *c[1:]) for c in CASES if c[0] == "seq"
+]
+
+
+@pytest.mark.parametrize(("kind", "loss", "reduction", "fisher_type", "kfac_approx"), EKFAC_CASES)
+def test_ekfac_matches_curvlinops(kind, loss, reduction, fisher_type, kfac_approx):
+    model, lf, data = make_case(kind, loss, reduction, batches=(18, 14))
+    for separate in (False, True):
+        kw = dict(fisher_type=fisher_type, kfac_approx=kfac_approx)
+        ref = curvlinops.EKFACLinearOperator(
+            model, lf, list(model.parameters()), data, separate_weight_and_bias=separate,
+            check_deterministic=False, **kw,
+        )  # fmt: skip
+        op = curvature.ekfac(model, lf, data, separate_weight_and_bias=separate, **kw)
+        K = dense(ref, numel(model))
+        assert rel_err(op.to_dense(), K) < TOL
+        assert abs(op.trace() - K.trace()) / K.trace() < TOL
+        Kd = K + 0.1 * torch.eye(K.shape[0], dtype=DT)
+        V = torch.randn(K.shape[0], 3, dtype=DT)
+        assert rel_err(op.inverse(0.1) @ V, torch.linalg.solve(Kd, V)) < 1e-9

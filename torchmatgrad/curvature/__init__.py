@@ -5,6 +5,7 @@ of one layer, and the BackPACK / laplace-torch integrations (docs/curvature.md).
 
 from . import backpack_support
 from .diag import diag_ggn, gradient_moments
+from .ekfac import ekfac
 from .kfac import KFAC, kfac
 from .operator import KroneckerBlock, KroneckerOperator
 
@@ -13,6 +14,7 @@ __all__ = [
     "KroneckerBlock",
     "KroneckerOperator",
     "diag_ggn",
+    "ekfac",
     "gradient_moments",
     "kfac",
 ]
