@@ -28,8 +28,8 @@ def rel_err(got, ref) -> float:
 # ---- products ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("d", [1, 17, 300, 513])
-def test_gram_one_triangle_matches_full_product(d):
+@pytest.mark.parametrize("d", [1, 17, 300])
+def test_gram_matches_full_product(d):
     x = torch.randn(37, 2 * d, dtype=DT)[:, ::2]  # non-contiguous columns
     ref = x.t() @ x
     assert rel_err(gram(x), ref) < 1e-14

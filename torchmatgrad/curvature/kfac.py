@@ -4,7 +4,7 @@ For a layer y = x·Wᵀ + b, K-FAC approximates its block of the GGN / Fisher by
 vec(W)), A from the layer's inputs x (read in the forward, by a forward hook) and G from its
 outputs' gradients g (read in the backward, by a tensor hook on the output): the products xᵀx and
 gᵀg are formed from what the passes read, not by another pass over the data
-(:func:`._products.gram`, one triangle). With fisher_type="empirical" the g are the loss's own
+(:func:`._products.gram`). With fisher_type="empirical" the g are the loss's own
 gradients, so the backward that fills ``.grad`` also yields the factors.
 
 Scaling: curvlinops' (KFACLinearOperator, v3), so the two agree to rounding. N data points,
