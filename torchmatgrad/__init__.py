@@ -12,6 +12,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import (
     _C,  # noqa: F401  (runs the op registrations)
+    curvature,
     distributed,  # noqa: F401  (DTensor sharding rules for tensor parallelism)
     nn,
     opacus_support,  # noqa: F401  (Opacus samplers, registered when opacus is imported)
@@ -24,6 +25,7 @@ from .ops import cpu_cached_bytes, empty_cache, linear
 
 __all__ = [
     "cpu_cached_bytes",
+    "curvature",
     "empty_cache",
     "jacobian",
     "linear",

@@ -63,6 +63,11 @@ def _parser() -> _ArgumentParser:
         action="store_true",
         help="per-sample gradients of W·x and DP-SGD clipping instead (docs/per_sample.md)",
     )
+    p.add_argument(
+        "--curvature",
+        action="store_true",
+        help="second derivatives through W·x and K-FAC instead (docs/curvature.md)",
+    )
     p.add_argument("--B", type=_positive_int, default=3, help="--per-sample: samples (default 3)")
     p.add_argument("--T", type=_positive_int, default=2, help="--per-sample: rows per sample (2)")
     return p
@@ -255,6 +260,12 @@ def main(argv: list[str] | Sequence[str] | None = None) -> int:
         from .explain_per_sample import explain as explain_per_sample
 
         return explain_per_sample(
+            args.n, args.m, args.B, args.T, args.seed, DTYPES[args.dtype], device
+        )
+    if args.curvature:
+        from .explain_curvature import explain as explain_curvature
+
+        return explain_curvature(
             args.n, args.m, args.B, args.T, args.seed, DTYPES[args.dtype], device
         )
     return _explain(args.n, args.m, args.seed, DTYPES[args.dtype], device)
