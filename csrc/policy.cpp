@@ -85,6 +85,10 @@ bool use_vendor(c10::DeviceType device, at::ScalarType dtype, Op op, int64_t row
       .load(std::memory_order_relaxed);
 }
 
+bool kernel_forced() {
+  return g_override.load(std::memory_order_relaxed) == 1;
+}
+
 void set_path_table(const std::string& device_type, const at::Tensor& vendor) {
   const int dev = device_index(device_type);
   TORCH_CHECK(vendor.device().is_cpu() && vendor.scalar_type() == at::kBool && vendor.dim() == 4 &&

@@ -40,7 +40,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_vendor(
   const auto g = grad_output.reshape({rows, n});
   at::Tensor gi, gw, gb;
   if (output_mask[0]) gi = grad_input_vendor(g, weight, input);
-  if (output_mask[1]) {
+  if (output_mask[1] && transposed_weight(weight)) {
+    // In the weight's own layout, (Xᵀ·G)ᵀ: the gradient of the stored [m, n] tensor comes out
+    // contiguous, so AccumulateGrad takes it as it is instead of copying it into that layout.
+    const auto x = input.reshape({rows, m});
+    at::Tensor gwt;
+    if (weight.is_cpu()) {
+      gwt = cpu::empty_reused({m, n}, weight.options());
+      at::mm_out(gwt, x.t(), g);
+    } else {
+      gwt = at::mm(x.t(), g);
+    }
+    gw = gwt.t();
+  } else if (output_mask[1]) {
     const auto x = input.reshape({rows, m});
     if (weight.is_cpu()) {  // into a block whose pages stay mapped (cpu/block_cache.h)
       gw = cpu::empty_reused({n, m}, weight.options());

@@ -365,3 +365,29 @@ def test_packed_weight_panels(dtype):
     for acc, expect, peer in zip(accs, expect_accs, peer_accs, strict=True):
         assert_close(acc, expect, k=rows + 1, peers=[peer], what=f"accumulated {acc.dtype}")
     torch.testing.assert_close(empty, b.expand(rows, n), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("forced", ["auto", "kernel"])
+def test_transposed_weight_stays_in_place(device, dtype, forced):
+    """A weight stored as [in, out] and used as its .t() (HF's Conv1D) is read in place by the
+    vendor route (csrc/vendor.h, transposed_weight), and the stored tensor's gradient comes out in
+    its own layout (contiguous: AccumulateGrad keeps it, no copy); with the kernel path forced the
+    kernels take a contiguous copy. The values, and the fake kernel's strides, match either way."""
+    from torchmatgrad import policy
+
+    stored = rand(33, 20, device=device, dtype=dtype, requires_grad=True)  # [in, out]
+    x = rand(2, 7, 33, device=device, dtype=dtype)
+    b = rand(20, device=device, dtype=dtype)
+    with policy.force_path(forced):
+        y = torchmatgrad.linear(x, stored.t(), b)
+        g = rand(2, 7, 20, device=device, dtype=dtype)
+        y.backward(g)
+        gi, gw, _ = ops.linear_backward(g, x, stored.t(), [True, True, False])
+        torch.library.opcheck(ops.linear_backward.default, (g, x, stored.t(), [True, True, True]))
+    x64, s64, b64 = (t.detach().double() for t in (x, stored, b))
+    assert_close(y, F.linear(x64, s64.t(), b64), k=33, peers=[F.linear(x, stored.t(), b)])
+    ref_grad = torch.einsum("btn,btm->mn", g.double(), x64)
+    assert_close(stored.grad, ref_grad, k=14, what="stored weight's grad")
+    assert stored.grad.is_contiguous()
+    assert gw.shape == (20, 33) and gw.t().is_contiguous() == (forced == "auto")
+    assert_close(gi, g.double() @ s64.t(), k=20, what="grad_input")

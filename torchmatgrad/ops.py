@@ -197,7 +197,19 @@ def _linear_backward_fake(
 ):
     check_backward_args(grad_output, input, weight)
     gi = input.new_empty(input.shape) if output_mask[0] else None
-    gw = weight.new_empty(weight.shape) if output_mask[1] else None
+    gw = None
+    if output_mask[1]:
+        # A weight stored transposed (csrc/vendor.h, transposed_weight: HF's Conv1D) gets its
+        # gradient in its own layout from the vendor route, where it always goes unless the
+        # kernel path is forced.
+        from . import policy
+
+        n, m = weight.shape
+        transposed = n > 1 and m > 1 and weight.stride() == (1, n)
+        if transposed and policy.current_path() != "kernel":
+            gw = weight.new_empty((m, n)).t()
+        else:
+            gw = weight.new_empty(weight.shape)
     gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else None
     return gi, gw, gb
 
