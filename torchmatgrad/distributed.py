@@ -57,6 +57,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _C  # noqa: F401  (the ops must exist before rules are registered for them)
+from ._import_hooks import call_now_or_after_import
 
 __all__ = ["register_sharding_rules"]
 
@@ -226,34 +227,6 @@ def register_sharding_rules() -> bool:
     return True
 
 
-class _RegisterWhenDTensorLoads:
-    """A one-shot import hook: finds ``torch.distributed.tensor`` with the other finders and
-    registers the rules right after the module has run."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _DTENSOR_MODULE:
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(name, path, target) if find is not None else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is not None and hasattr(loader, "exec_module"):
-            run = loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                _register_quietly()
-
-            loader.exec_module = exec_module
-        return spec
-
-
 def _register_quietly() -> None:
     """Register without ever breaking the import that triggered it."""
     try:
@@ -271,11 +244,11 @@ def _register_quietly() -> None:
 def _register_now_or_on_import() -> None:
     if not torch.distributed.is_available():
         return
-    module = sys.modules.get(_DTENSOR_MODULE)
-    if module is not None and hasattr(module, "DTensor"):
-        _register_quietly()
-    elif not any(isinstance(f, _RegisterWhenDTensorLoads) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterWhenDTensorLoads())
+    call_now_or_after_import(
+        _DTENSOR_MODULE,
+        _register_quietly,
+        loaded=lambda: hasattr(sys.modules.get(_DTENSOR_MODULE), "DTensor"),
+    )
 
 
 _register_now_or_on_import()

@@ -31,12 +31,11 @@ used or imported by the program.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
 from . import per_sample
+from ._import_hooks import call_now_or_after_import
 from .nn import Linear
 
 __all__ = ["make_private", "register"]
@@ -149,34 +148,6 @@ def make_private(
 # ---- registration on import of opacus -------------------------------------------------------
 
 
-class _RegisterWhenOpacusLoads:
-    """A one-shot import hook: lets the other finders find ``opacus`` and registers the
-    samplers right after the package has run (it imports opacus.grad_sample)."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _OPACUS:
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(name, path, target) if find is not None else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is not None and hasattr(loader, "exec_module"):
-            run = loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                _register_quietly()
-
-            loader.exec_module = exec_module
-        return spec
-
-
 def _register_quietly() -> None:
     try:
         register()
@@ -191,10 +162,7 @@ def _register_quietly() -> None:
 
 
 def _register_now_or_on_import() -> None:
-    if _OPACUS in sys.modules:
-        _register_quietly()
-    elif not any(isinstance(f, _RegisterWhenOpacusLoads) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterWhenOpacusLoads())
+    call_now_or_after_import(_OPACUS, _register_quietly)
 
 
 _register_now_or_on_import()

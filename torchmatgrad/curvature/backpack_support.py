@@ -13,8 +13,8 @@ and is not imported early). :func:`extend` does it for one extension object made
 from __future__ import annotations
 
 import functools
-import sys
 
+from .._import_hooks import call_now_or_after_import
 from ..nn import Linear
 
 _BACKPACK = "backpack"
@@ -52,35 +52,5 @@ def register() -> bool:
     return True
 
 
-class _RegisterWhenBackpackLoads:
-    """A one-shot import hook: registers right after ``backpack`` has been imported."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _BACKPACK:
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(name, path, target) if find is not None else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is not None and hasattr(loader, "exec_module"):
-            run = loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                register()
-
-            loader.exec_module = exec_module
-        return spec
-
-
 def register_now_or_on_import() -> None:
-    if _BACKPACK in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterWhenBackpackLoads) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterWhenBackpackLoads())
+    call_now_or_after_import(_BACKPACK, register)
