@@ -391,3 +391,53 @@ def test_transposed_weight_stays_in_place(device, dtype, forced):
     assert stored.grad.is_contiguous()
     assert gw.shape == (20, 33) and gw.t().is_contiguous() == (forced == "auto")
     assert_close(gi, g.double() @ s64.t(), k=20, what="grad_input")
+
+
+@pytest.mark.parametrize(
+    "in_shape,bias_shape",
+    [((3, 5), (1, 4)), ((3, 5), ()), ((3, 5), (1,)), ((2, 3, 5), (2, 1, 4)), ((2, 3, 5), (3, 4))],
+    ids=str,
+)
+def test_broadcast_bias_like_f_linear(in_shape, bias_shape):
+    """F.linear adds any bias that broadcasts to the output; so does torchmatgrad.linear, and the
+    bias's gradient is reduced to its shape (float64 against F.linear, values and gradients)."""
+    x = rand(*in_shape, dtype=torch.float64, requires_grad=True)
+    w = rand(4, 5, dtype=torch.float64, requires_grad=True)
+    b = rand(bias_shape, dtype=torch.float64, requires_grad=True)
+    y, ref = torchmatgrad.linear(x, w, b), F.linear(x, w, b)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = rand(*ref.shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for a, r in zip(got, want, strict=True):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(torchmatgrad.linear, (x, w, b))
+    torch._dynamo.reset()
+    compiled = torch.compile(torchmatgrad.linear, fullgraph=True)(x, w, b)
+    torch.testing.assert_close(compiled, ref)
+
+
+def test_bias_that_does_not_broadcast_is_the_ops_error():
+    with pytest.raises(RuntimeError, match=r"bias must be 1-D of length weight.size\(0\)"):
+        torchmatgrad.linear(rand(3, 5), rand(4, 5), rand(3))
+
+
+@pytest.mark.parametrize("arg", ["input", "weight"])
+@pytest.mark.parametrize("kind", ["sparse", "quantized", "nested"])
+def test_non_dense_inputs_are_named(arg, kind):
+    x, w = rand(3, 5), rand(4, 5)
+    t = x if arg == "input" else w
+    if kind == "sparse":
+        t = t.to_sparse()
+    elif kind == "quantized":
+        t = torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
+    else:
+        if arg == "weight":
+            pytest.skip("a nested weight is not a tensor F.linear takes either")
+        t = torch.nested.nested_tensor([rand(2, 5), rand(3, 5)])
+    args = (t, w) if arg == "input" else (x, t)
+    with pytest.raises(
+        RuntimeError, match=rf"{arg} must be a dense \(strided\) tensor, got a {kind}"
+    ):
+        torchmatgrad.linear(*args)

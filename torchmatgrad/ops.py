@@ -493,8 +493,61 @@ def linear(
 
     Supports autograd (double backward included), forward-mode AD, vmap, autocast and
     ``torch.compile(fullgraph=True)``. float32, float64, bfloat16 and float16; 16-bit types
-    accumulate in float32.
+    accumulate in float32. As in F.linear, a bias of another shape that broadcasts to the
+    output ([1, out_features], a 0-d tensor, ...) is added after the product (its gradient is
+    reduced to its shape); sparse, quantized and nested tensors are refused with an error that
+    names the argument.
     """
+    if torch.compiler.is_compiling():
+        if bias is not None and _broadcast_bias(input, weight, bias):
+            return _linear_op(input, weight, None) + bias
+        return _linear_op(input, weight, bias)
+    try:
+        return _linear(input, weight, bias, grad_accumulation)
+    except (RuntimeError, NotImplementedError):
+        # The failure path only, so the common call pays nothing for F.linear's rarer forms.
+        _check_dense(input=input, weight=weight, bias=bias)
+        if bias is not None and _broadcast_bias(input, weight, bias):
+            return _linear(input, weight, None, grad_accumulation) + bias
+        raise
+
+
+def _broadcast_bias(input: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    """Whether ``bias`` is not [out_features] but broadcasts to the output, as F.linear adds it."""
+    n = weight.shape[0] if weight.dim() == 2 else None
+    if n is None or input.dim() == 0 or (bias.dim() == 1 and bias.shape[0] == n):
+        return False
+    if bias.dtype != weight.dtype or bias.device != weight.device:
+        return False
+    try:
+        torch.broadcast_shapes((*input.shape[:-1], n), bias.shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _check_dense(**tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is None or not isinstance(t, Tensor):
+            continue
+        kind = (
+            "nested"
+            if t.is_nested
+            else "quantized"
+            if t.is_quantized
+            else f"sparse ({t.layout})"
+            if t.layout != torch.strided
+            else None
+        )
+        if kind is not None:
+            raise RuntimeError(
+                f"torchmatgrad.linear: {name} must be a dense (strided) tensor, got a {kind} "
+                "tensor; convert it (.to_dense(), .dequantize()) or use "
+                "torch.nn.functional.linear"
+            )
+
+
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, grad_accumulation: str) -> Tensor:
     if torch.compiler.is_compiling():
         # Dynamo cannot trace an autograd.Function with a custom jvp; the op carries the same
         # backward (its C++ autograd) and its fake kernel.
