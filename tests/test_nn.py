@@ -104,3 +104,53 @@ def test_mlp_training_matches_nn_linear():
 
 def test_functional_is_exported():
     assert torchmatgrad.linear is torchmatgrad.ops.linear
+
+
+class _OwnForward(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_convert_linear_report_subclasses_and_filter():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2)
+    model = torch.nn.ModuleDict(
+        {
+            "a": torch.nn.Linear(8, 8),
+            "own": _OwnForward(8, 8),
+            "lazy": torch.nn.LazyLinear(3),
+            "attn": mha,
+            "skip": torch.nn.Linear(8, 4),
+        }
+    )
+    out_proj_weight = mha.out_proj.weight
+    _, rep = convert_linear(model, report=True, filter_fn=lambda m, fqn: fqn != "skip")
+    # nn.Linear and the subclass that keeps nn.Linear's forward are converted, sharing params.
+    assert type(model["a"]) is Linear and type(model["attn"].out_proj) is Linear
+    assert model["attn"].out_proj.weight is out_proj_weight
+    assert sorted(rep.converted) == [
+        ("a", "Linear"),
+        ("attn.out_proj", "NonDynamicallyQuantizableLinear"),
+    ]
+    left = {name: why for name, _, why in rep.left}
+    assert set(left) == {"own", "lazy", "attn", "skip"}
+    assert "overrides forward" in left["own"] and "lazy" in left["lazy"]
+    assert (
+        "multi_head_attention_forward" in left["attn"] and left["skip"] == "excluded by filter_fn"
+    )
+    assert type(model["own"]) is _OwnForward and type(model["skip"]) is torch.nn.Linear
+    text = str(rep)
+    assert text.startswith("converted 2 module(s), left 4") and "attn.out_proj" in text
+    # MHA's outputs are unchanged (it reads out_proj.weight itself).
+    x = rand(5, 1, 8)
+    ref = torch.nn.MultiheadAttention(8, 2)
+    ref.load_state_dict(mha.state_dict())
+    torch.testing.assert_close(mha(x, x, x)[0], ref(x, x, x)[0])
+
+
+def test_convert_linear_warns_when_nothing_converted():
+    with pytest.warns(UserWarning, match=r"nothing; left: 0 \(a subclass that overrides"):
+        convert_linear(torch.nn.Sequential(_OwnForward(3, 3)))
+    model = torch.nn.Sequential(Linear(3, 3))  # already converted: nothing to do, and it says so
+    with pytest.warns(UserWarning, match="converted nothing"):
+        assert convert_linear(model) is model

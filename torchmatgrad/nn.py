@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -9,7 +13,7 @@ from .accumulate import check_mode
 from .integrations import convert_module as _convert_other
 from .ops import linear
 
-__all__ = ["Linear", "convert_linear", "set_grad_accumulation"]
+__all__ = ["ConversionReport", "Linear", "convert_linear", "set_grad_accumulation"]
 
 
 class Linear(torch.nn.Linear):
@@ -68,31 +72,125 @@ class Linear(torch.nn.Linear):
         return new
 
 
+@dataclasses.dataclass
+class ConversionReport:
+    """What :func:`convert_linear` converted and which linear-like modules it left, and why.
+
+    ``converted``: (qualified name, original type) of every module replaced; ``left``:
+    (qualified name, type, reason) of every linear-like module that was not. ``str(report)``
+    is a printable summary."""
+
+    converted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    left: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} module(s), left {len(self.left)}"]
+        lines += [f"  converted  {name or '(model)'}: {kind}" for name, kind in self.converted]
+        lines += [
+            f"  left       {name or '(model)'}: {kind}: {why}" for name, kind, why in self.left
+        ]
+        return "\n".join(lines)
+
+
+def _linear_forward_is_torchs(module: torch.nn.Module) -> bool:
+    """An nn.Linear (or a subclass that keeps nn.Linear's forward, e.g. MultiheadAttention's
+    NonDynamicallyQuantizableLinear) with materialized parameters."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and not isinstance(module, Linear)
+        and type(module).forward is torch.nn.Linear.forward
+        and not isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+    )
+
+
+def _why_left(module: torch.nn.Module) -> str | None:
+    """Why a linear-like module is not converted (None: not linear-like, or already ours)."""
+    if isinstance(module, Linear):
+        return None
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(
+        module, torch.nn.Linear
+    ):
+        return "lazy: its parameters do not exist yet; convert after the first forward"
+    if isinstance(module, torch.nn.Linear):
+        return "a subclass that overrides forward"
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return (
+            "its packed in_proj goes through F.multi_head_attention_forward, not nn.Linear "
+            "(out_proj is converted)"
+        )
+    if isinstance(module, torch.nn.Bilinear):
+        return "a bilinear map, not x·Wᵀ + b"
+    return None
+
+
 def convert_linear(
-    model: torch.nn.Module, *, grad_accumulation: str = "unfused"
-) -> torch.nn.Module:
+    model: torch.nn.Module,
+    *,
+    grad_accumulation: str = "unfused",
+    filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
+    report: bool = False,
+) -> torch.nn.Module | tuple[torch.nn.Module, ConversionReport]:
     """Replace every ``torch.nn.Linear`` inside ``model`` (in place) by
     :class:`torchmatgrad.nn.Linear` sharing the same parameters, and return ``model``.
 
-    Only modules whose type is exactly ``torch.nn.Linear`` are replaced: subclasses may
-    override ``forward`` and are left alone. If ``model`` itself is an ``nn.Linear`` it cannot
-    be replaced in place, so the converted module is returned instead.
+    Subclasses of ``nn.Linear`` are replaced when they keep ``nn.Linear``'s own ``forward``
+    (MultiheadAttention's ``out_proj``); those that override it, and lazy ones, are left. If
+    ``model`` itself is converted it cannot be replaced in place, so the converted module is
+    returned instead. Linear maps of outside libraries are converted too
+    (:mod:`torchmatgrad.integrations`: Hugging Face's ``Conv1D``), again sharing their
+    parameters.
 
-    Linear maps of outside libraries are converted too (:mod:`torchmatgrad.integrations`: Hugging
-    Face's ``Conv1D``), again sharing their parameters.
+    Args:
+        model: the module to convert in place.
+        grad_accumulation: the converted layers' mode (see :class:`Linear`).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` (as torchao's ``quantize_``): convert
+            only the modules for which it is True; fqn is the qualified name ("" for model).
+        report: also return a :class:`ConversionReport`.
+
+    Returns:
+        ``model`` (or its replacement), and the report when ``report=True``. A warning is
+        issued when nothing was converted.
     """
-    if type(model) is torch.nn.Linear:
-        return Linear.from_linear(model, grad_accumulation=grad_accumulation)
-    if (other := _convert_other(model, grad_accumulation=grad_accumulation)) is not None:
-        return other
-    for name, child in model.named_children():
-        if type(child) is torch.nn.Linear:
-            setattr(model, name, Linear.from_linear(child, grad_accumulation=grad_accumulation))
-        elif (other := _convert_other(child, grad_accumulation=grad_accumulation)) is not None:
-            setattr(model, name, other)
+    rep = ConversionReport()
+
+    def convert_one(module: torch.nn.Module, fqn: str) -> torch.nn.Module | None:
+        new = None
+        if _linear_forward_is_torchs(module):
+            new = Linear.from_linear(module, grad_accumulation=grad_accumulation)
         else:
-            convert_linear(child, grad_accumulation=grad_accumulation)
-    return model
+            new = _convert_other(module, grad_accumulation=grad_accumulation)
+        if new is None:
+            why = _why_left(module)
+            if why is not None:
+                rep.left.append((fqn, type(module).__qualname__, why))
+            return None
+        if filter_fn is not None and not filter_fn(module, fqn):
+            rep.left.append((fqn, type(module).__qualname__, "excluded by filter_fn"))
+            return None
+        rep.converted.append((fqn, type(module).__qualname__))
+        return new
+
+    def walk(module: torch.nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            new = convert_one(child, fqn)
+            if new is not None:
+                setattr(module, name, new)
+            else:
+                walk(child, fqn)
+
+    top = convert_one(model, "")
+    if top is None:
+        walk(model, "")
+    else:
+        model = top
+    if not rep.converted:
+        warnings.warn(
+            "convert_linear converted nothing"
+            + (f"; left: {', '.join(f'{n} ({w})' for n, _, w in rep.left)}" if rep.left else ""),
+            stacklevel=2,
+        )
+    return (model, rep) if report else model
 
 
 def set_grad_accumulation(model: torch.nn.Module, mode: str) -> torch.nn.Module:
