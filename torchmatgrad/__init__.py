@@ -21,14 +21,17 @@ from . import (
 )
 from ._version import __version__
 from .jacobian import jacobian
+from .mode import LinearMode, linear_mode
 from .ops import cpu_cached_bytes, empty_cache, linear
 
 __all__ = [
+    "LinearMode",
     "cpu_cached_bytes",
     "curvature",
     "empty_cache",
     "jacobian",
     "linear",
+    "linear_mode",
     "nn",
     "per_sample",
     "policy",

@@ -13,7 +13,12 @@ from .accumulate import check_mode
 from .integrations import convert_module as _convert_other
 from .ops import linear
 
-__all__ = ["ConversionReport", "Linear", "convert_linear", "set_grad_accumulation"]
+__all__ = [
+    "ConversionReport",
+    "Linear",
+    "convert_linear",
+    "set_grad_accumulation",
+]
 
 
 class Linear(torch.nn.Linear):
@@ -115,8 +120,8 @@ def _why_left(module: torch.nn.Module) -> str | None:
         return "a subclass that overrides forward"
     if isinstance(module, torch.nn.MultiheadAttention):
         return (
-            "its packed in_proj goes through F.multi_head_attention_forward, not nn.Linear "
-            "(out_proj is converted)"
+            "its in_proj goes through F.multi_head_attention_forward, not nn.Linear (out_proj "
+            "is converted, but MHA reads its weight itself)"
         )
     if isinstance(module, torch.nn.Bilinear):
         return "a bilinear map, not x·Wᵀ + b"
@@ -176,14 +181,11 @@ def convert_linear(
             new = convert_one(child, fqn)
             if new is not None:
                 setattr(module, name, new)
-            else:
-                walk(child, fqn)
+            walk(new if new is not None else child, fqn)
 
     top = convert_one(model, "")
-    if top is None:
-        walk(model, "")
-    else:
-        model = top
+    model = top if top is not None else model
+    walk(model, "")
     if not rep.converted:
         warnings.warn(
             "convert_linear converted nothing"
