@@ -6,12 +6,16 @@ calls F.linear itself (modules that cannot be swapped).
 
 A ``torch.overrides.TorchFunctionMode``: torch leaves the mode while its handler runs, so
 torchmatgrad.linear's own calls never come back to it. It works under
-``torch.compile(fullgraph=True)`` (Dynamo traces the mode). Calls with a keyword the op does not
-take, or a tensor subclass that handles F.linear itself, run F.linear unchanged.
+``torch.compile(fullgraph=True)`` (Dynamo traces the mode). A call on a tensor subclass (which
+handles F.linear itself) runs F.linear unchanged.
 
-Not reached: F.linear calls made inside another function that itself dispatches on
-``__torch_function__`` (``F.multi_head_attention_forward``: the mode sees that function, which
-then runs with the mode off), so ``nn.MultiheadAttention``'s in_proj stays torch's.
+``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls) dispatches on
+``__torch_function__`` itself, so the mode sees that call and torch would run its body with the
+mode off, out of its reach: the mode routes it to
+:func:`torchmatgrad.mha.multi_head_attention_forward`, which does the same with its projections
+on the op. (Under a mode torch's fused MHA fast path is not taken: torch skips it when any
+``__torch_function__`` handler is active.) Other functions that dispatch themselves and call
+F.linear inside are not reached.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .mha import multi_head_attention_forward
 from .ops import linear
 
 __all__ = ["LinearMode", "linear_mode"]
@@ -30,12 +35,16 @@ class LinearMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and all(t in (torch.Tensor, torch.nn.Parameter) for t in types):
-            return linear(*args, **kwargs)
+        if all(t in (torch.Tensor, torch.nn.Parameter) for t in types):
+            if func is F.linear:
+                return linear(*args, **kwargs)
+            if func is F.multi_head_attention_forward:
+                return multi_head_attention_forward(*args, **kwargs)
         return func(*args, **kwargs)
 
 
 def linear_mode() -> LinearMode:
     """A context manager under which every ``torch.nn.functional.linear`` call runs
-    torchmatgrad's op (same arguments, same results, torchmatgrad's kernels and backward)."""
+    torchmatgrad's op (same arguments, same results, torchmatgrad's kernels and backward), and
+    every ``F.multi_head_attention_forward`` call its projections on it."""
     return LinearMode()

@@ -11,11 +11,13 @@ from torch import Tensor
 
 from .accumulate import check_mode
 from .integrations import convert_module as _convert_other
+from .mha import MultiheadAttention
 from .ops import linear
 
 __all__ = [
     "ConversionReport",
     "Linear",
+    "MultiheadAttention",
     "convert_linear",
     "set_grad_accumulation",
 ]
@@ -97,35 +99,46 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _linear_forward_is_torchs(module: torch.nn.Module) -> bool:
-    """An nn.Linear (or a subclass that keeps nn.Linear's forward, e.g. MultiheadAttention's
-    NonDynamicallyQuantizableLinear) with materialized parameters."""
+def _keeps_forward(module: torch.nn.Module, base: type, ours: type) -> bool:
+    """``module`` is a ``base`` (or a subclass that keeps ``base``'s own forward, e.g. MHA's
+    NonDynamicallyQuantizableLinear), not already ``ours``, with materialized parameters."""
     return (
-        isinstance(module, torch.nn.Linear)
-        and not isinstance(module, Linear)
-        and type(module).forward is torch.nn.Linear.forward
+        isinstance(module, base)
+        and not isinstance(module, ours)
+        and type(module).forward is base.forward
         and not isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
     )
 
 
 def _why_left(module: torch.nn.Module) -> str | None:
     """Why a linear-like module is not converted (None: not linear-like, or already ours)."""
-    if isinstance(module, Linear):
+    if isinstance(module, (Linear, MultiheadAttention)):
         return None
     if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(
         module, torch.nn.Linear
     ):
         return "lazy: its parameters do not exist yet; convert after the first forward"
-    if isinstance(module, torch.nn.Linear):
+    if isinstance(module, (torch.nn.Linear, torch.nn.MultiheadAttention)):
         return "a subclass that overrides forward"
-    if isinstance(module, torch.nn.MultiheadAttention):
-        return (
-            "its in_proj goes through F.multi_head_attention_forward, not nn.Linear (out_proj "
-            "is converted, but MHA reads its weight itself)"
-        )
     if isinstance(module, torch.nn.Bilinear):
         return "a bilinear map, not x·Wᵀ + b"
     return None
+
+
+def _convert_module(
+    module: torch.nn.Module, *, grad_accumulation: str
+) -> tuple[torch.nn.Module | None, str | None]:
+    """One module's conversion: (its replacement, None), or (None, why a linear-like module is
+    left), or (None, None) for a module that is not linear-like (or already converted). The
+    replacement shares ``module``'s parameters; its children are converted separately."""
+    if _keeps_forward(module, torch.nn.Linear, Linear):
+        return Linear.from_linear(module, grad_accumulation=grad_accumulation), None
+    if _keeps_forward(module, torch.nn.MultiheadAttention, MultiheadAttention):
+        return MultiheadAttention.from_mha(module), None
+    new = _convert_other(module, grad_accumulation=grad_accumulation)
+    if new is not None:
+        return new, None
+    return None, _why_left(module)
 
 
 def convert_linear(
@@ -139,7 +152,10 @@ def convert_linear(
     :class:`torchmatgrad.nn.Linear` sharing the same parameters, and return ``model``.
 
     Subclasses of ``nn.Linear`` are replaced when they keep ``nn.Linear``'s own ``forward``
-    (MultiheadAttention's ``out_proj``); those that override it, and lazy ones, are left. If
+    (MultiheadAttention's ``out_proj``); those that override it, and lazy ones, are left.
+    ``nn.MultiheadAttention`` (exactly, or a subclass keeping its forward) becomes
+    :class:`torchmatgrad.nn.MultiheadAttention`, whose in- and out-projections run on the op
+    (``nn.TransformerEncoderLayer`` / ``DecoderLayer`` hold one). If
     ``model`` itself is converted it cannot be replaced in place, so the converted module is
     returned instead. Linear maps of outside libraries are converted too
     (:mod:`torchmatgrad.integrations`: Hugging Face's ``Conv1D``), again sharing their
@@ -159,13 +175,8 @@ def convert_linear(
     rep = ConversionReport()
 
     def convert_one(module: torch.nn.Module, fqn: str) -> torch.nn.Module | None:
-        new = None
-        if _linear_forward_is_torchs(module):
-            new = Linear.from_linear(module, grad_accumulation=grad_accumulation)
-        else:
-            new = _convert_other(module, grad_accumulation=grad_accumulation)
+        new, why = _convert_module(module, grad_accumulation=grad_accumulation)
         if new is None:
-            why = _why_left(module)
             if why is not None:
                 rep.left.append((fqn, type(module).__qualname__, why))
             return None
