@@ -418,26 +418,36 @@ def test_broadcast_bias_like_f_linear(in_shape, bias_shape):
     torch.testing.assert_close(compiled, ref)
 
 
-def test_bias_that_does_not_broadcast_is_the_ops_error():
+@pytest.mark.parametrize(
+    "in_shape,bias_shape",
+    [((3, 5), (3,)), ((3, 5), (2, 3, 4)), ((5,), (3, 4)), ((2, 3, 5), (5, 2, 3, 4))],
+    ids=str,
+)
+def test_bias_that_does_not_broadcast_is_the_ops_error(in_shape, bias_shape):
+    """A bias that does not broadcast to the output, or only to a larger shape than the
+    output's (F.linear refuses both), is refused with the op's error."""
+    x, w, b = rand(*in_shape), rand(4, 5), rand(*bias_shape)
+    with pytest.raises(RuntimeError):
+        F.linear(x, w, b)
     with pytest.raises(RuntimeError, match=r"bias must be 1-D of length weight.size\(0\)"):
-        torchmatgrad.linear(rand(3, 5), rand(4, 5), rand(3))
+        torchmatgrad.linear(x, w, b)
 
 
 @pytest.mark.parametrize(
     "arg,kind",
-    [("input", "sparse"), ("weight", "sparse"), ("input", "quantized"), ("weight", "quantized")]
-    + [("input", "nested")],  # a nested weight is no tensor F.linear takes either
+    [(arg, kind) for arg in ("input", "weight", "bias") for kind in ("sparse", "quantized")]
+    + [("input", "nested")],  # a nested weight or bias is no tensor F.linear takes either
 )
 def test_non_dense_inputs_are_named(arg, kind):
-    x, w = rand(3, 5), rand(4, 5)
-    t = x if arg == "input" else w
+    x, w, b = rand(3, 5), rand(4, 5), rand(4)
+    t = {"input": x, "weight": w, "bias": b}[arg]
     if kind == "sparse":
         t = t.to_sparse()
     elif kind == "quantized":
         t = torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
     else:
         t = torch.nested.nested_tensor([rand(2, 5), rand(3, 5)])
-    args = (t, w) if arg == "input" else (x, t)
+    args = {"input": (t, w), "weight": (x, t), "bias": (x, w, t)}[arg]
     with pytest.raises(
         RuntimeError, match=rf"{arg} must be a dense \(strided\) tensor, got a {kind}"
     ):

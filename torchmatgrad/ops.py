@@ -505,7 +505,9 @@ def linear(
     try:
         return _linear(input, weight, bias, grad_accumulation)
     except (RuntimeError, NotImplementedError):
-        # The failure path only, so the common call pays nothing for F.linear's rarer forms.
+        # The failure path only, so the common call pays nothing for F.linear's rarer forms
+        # (measured, 64x64 CPU: 2.4 us a call before and after; checking bias.ndim first
+        # cost 0.25 us a call). A broadcast bias pays the exception: 45 us, F.linear's 7.8.
         _check_dense(input=input, weight=weight, bias=bias)
         if bias is not None and _broadcast_bias(input, weight, bias):
             return _linear(input, weight, None, grad_accumulation) + bias
@@ -513,17 +515,18 @@ def linear(
 
 
 def _broadcast_bias(input: Tensor, weight: Tensor, bias: Tensor) -> bool:
-    """Whether ``bias`` is not [out_features] but broadcasts to the output, as F.linear adds it."""
+    """Whether ``bias`` is not [out_features] but broadcasts to the output's shape, as F.linear
+    adds it (F.linear refuses a bias that would make the output larger: so does this)."""
     n = weight.shape[0] if weight.dim() == 2 else None
     if n is None or input.dim() == 0 or (bias.dim() == 1 and bias.shape[0] == n):
         return False
     if bias.dtype != weight.dtype or bias.device != weight.device:
         return False
+    out = torch.Size((*input.shape[:-1], n))
     try:
-        torch.broadcast_shapes((*input.shape[:-1], n), bias.shape)
+        return torch.broadcast_shapes(out, bias.shape) == out
     except RuntimeError:
         return False
-    return True
 
 
 def _check_dense(**tensors: Tensor | None) -> None:
