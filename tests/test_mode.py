@@ -58,3 +58,33 @@ def test_under_compile_fullgraph():
 
     torch.testing.assert_close(run(x), model(x))
     assert len(graphs) == 1 and graphs[0].count("torchmatgrad.linear") == 2, graphs
+
+
+def test_mha_under_mode_and_compile_fullgraph():
+    """torch's own TransformerEncoderLayer under the mode: its MHA (through
+    F.multi_head_attention_forward) and its FFN on the op, one graph, exact against torch."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(
+        12, 3, dim_feedforward=17, dropout=0.0, batch_first=True, dtype=torch.float64
+    )
+    x = rand(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def run(x):
+        with torchmatgrad.linear_mode():
+            return layer(x)
+
+    out = run(x)
+    assert len(graphs) == 1 and graphs[0].count("torchmatgrad.linear") == 4, graphs
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)

@@ -292,7 +292,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     Same constructor, parameters, ``state_dict`` and results; it subclasses torch's, so
     ``isinstance`` checks and ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` keep working.
     In eval mode with no gradient to compute it is torch's forward unchanged, fused fast path
-    included (see :mod:`torchmatgrad.mha`).
+    included (see :mod:`torchmatgrad.mha`). The projections accumulate their gradients as
+    autograd does: ``grad_accumulation`` (of ``convert_linear``, or of a converted
+    ``out_proj``, whose weight MHA reads itself) does not apply to them.
     """
 
     def forward(
