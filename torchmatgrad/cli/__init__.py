@@ -1,8 +1,10 @@
 """The command-line tools: ``python -m torchmatgrad info | check | explain | bench | tune``.
 
-Each command is a module (``bench`` a package) with a ``main(argv) -> int``; :func:`main`
-dispatches to it and is what ``torchmatgrad/__main__.py`` calls. A command's module is imported
-only when it runs, so ``python -m torchmatgrad info`` does not pay for the benchmark's imports.
+Each command is a module (``bench`` a package) with a ``build_parser()`` (its options, built
+without running anything: :mod:`.docs` renders them into docs/cli.md) and a ``main(argv) -> int``;
+:func:`main` dispatches to it and is what ``torchmatgrad/__main__.py`` calls. A command's module
+is imported only when it runs, so ``python -m torchmatgrad info`` does not pay for the benchmark's
+imports.
 """
 
 from __future__ import annotations

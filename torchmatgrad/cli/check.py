@@ -39,7 +39,8 @@ def format_table(checks, rows, devs, dtypes) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m torchmatgrad check``."""
     parser = argparse.ArgumentParser(
         prog="python -m torchmatgrad check",
         description="Check every torchmatgrad op on every available device against autograd.",
@@ -47,8 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--transforms", action="store_true", help="print the transform conformance matrix"
     )
-    parser.add_argument("--device", choices=["cpu", "cuda"], action="append")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        action="append",
+        help="check this device only (repeatable; default: every available device)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     devs = args.device or devices()
     if "cuda" in devs and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)

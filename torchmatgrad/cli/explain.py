@@ -18,7 +18,7 @@ from torch import Tensor
 from ..jacobian import JacobianOperator, jacobian
 from ..testing import DTYPES, compare, generator, rand
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 PROG = "python -m torchmatgrad explain"
 
@@ -42,7 +42,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser() -> _ArgumentParser:
+def build_parser() -> _ArgumentParser:
+    """The options of ``python -m torchmatgrad explain``."""
     p = _ArgumentParser(
         prog=PROG,
         description="Print the derivative of f = W·x (W: n×m, x: m) in index, vec/Kronecker and "
@@ -243,7 +244,7 @@ def main(argv: list[str] | Sequence[str] | None = None) -> int:
         0 when every result matches autograd, 1 on a mismatch, 2 on bad arguments (after a
         one-line error on stderr).
     """
-    parser = _parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))
         try:

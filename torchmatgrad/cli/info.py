@@ -7,6 +7,7 @@ size takes (:func:`dispatch_path`, also used by the benchmark to label its rows)
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -251,14 +252,16 @@ def info_text() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print :func:`info_text` (``python -m torchmatgrad info``). Takes no options."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    """The (empty) options of ``python -m torchmatgrad info``."""
+    return argparse.ArgumentParser(
         prog="python -m torchmatgrad info", description=__doc__.splitlines()[0]
     )
-    parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print :func:`info_text` (``python -m torchmatgrad info``). Takes no options."""
+    build_parser().parse_args(argv)
     print(info_text())
     return 0
 
