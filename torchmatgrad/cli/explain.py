@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ..jacobian import JacobianOperator, jacobian
-from ..testing import DTYPES, compare, generator, rand
+from ..testing import DTYPES, generator, rand
+from .explain_common import Checker, header, matrix
 
 __all__ = ["build_parser", "main"]
 
@@ -74,51 +75,6 @@ def build_parser() -> _ArgumentParser:
     return p
 
 
-# ---- printing ------------------------------------------------------------------------------
-
-
-def _row(v: Tensor) -> str:
-    return "[ " + "  ".join(f"{float(a):+.4f}" for a in v.reshape(-1).tolist()) + " ]"
-
-
-def _matrix(t: Tensor, indent: str = "    ") -> str:
-    t = t.double().cpu()
-    if t.dim() == 1:
-        return indent + _row(t)
-    return "\n".join(indent + _row(r) for r in t)
-
-
-def _header(title: str) -> None:
-    print()
-    print(title)
-    print("-" * min(len(title), 100))
-
-
-class _Checker:
-    """Compares results with float64 autograd references under torchmatgrad.testing's
-    tolerance policy and remembers mismatches."""
-
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.count = 0
-
-    def check(
-        self, what: str, got: Tensor, ref: Tensor, *, k: int = 1, scale: float | None = None
-    ) -> None:
-        """Print and record whether got ≈ ref; ``k`` terms were summed into each entry and
-        ``scale`` bounds their Σ|terms| (default max|ref|)."""
-        self.count += 1
-        if tuple(got.shape) != tuple(ref.shape):
-            self.failures.append(what)
-            print(f"  {what}: MISMATCH (shape {list(got.shape)} vs {list(ref.shape)})")
-            return
-        ok, err, tol = compare(got.detach(), ref, k=k, scale=scale)
-        if not ok:
-            self.failures.append(what)
-        verdict = "matches" if ok else "MISMATCH"
-        print(f"  {what}: {verdict} (max abs error {err:.3e}, tolerance {tol:.1e})")
-
-
 # ---- the walkthrough -----------------------------------------------------------------------
 
 
@@ -133,68 +89,66 @@ def _explain(n: int, m: int, seed: int, dtype: torch.dtype, device: torch.device
     W64, x64, g64, dW64 = (t.double() for t in (W, x, g, dW))
     f64 = W64 @ x64
     J_ref = torch.autograd.functional.jacobian(lambda w: w @ x64, W64)  # (n, n, m)
-    checker = _Checker()
+    checker = Checker()
     dname = str(dtype).removeprefix("torch.")
 
     print(f"The derivative of f = W·x   (n = {n}, m = {m}, dtype = {dname}, seed = {seed})")
     print(f"W ({n}×{m}):")
-    print(_matrix(W))
+    print(matrix(W))
     print(f"x ({m}):")
-    print(_matrix(x))
+    print(matrix(x))
     print(f"f = W·x ({n}):")
-    print(_matrix(f64))
+    print(matrix(f64))
     print("References: torch.autograd.functional.jacobian(lambda W: W @ x, W) in float64.")
 
     # 1. index form / 3rd-order tensor
-    _header(f"[1] Index form: ∂f_i/∂W_kl = δ_ik·x_l  (3rd-order tensor J, shape ({n}, {n}, {m}))")
+    header(f"[1] Index form: ∂f_i/∂W_kl = δ_ik·x_l  (3rd-order tensor J, shape ({n}, {n}, {m}))")
     print("  layout J[i, k, l]: output index i first, then W's (k, l)  (numerator layout)")
     print("  call: torchmatgrad.jacobian(W, x)  # wrt='weight', form='tensor'")
     J = jacobian(W, x)
     for i in range(n):
         print(f"  J[{i}, :, :] = ∂f_{i}/∂W  (row {i} is xᵀ, all other rows 0)")
-        print(_matrix(J[i], "      "))
+        print(matrix(J[i], "      "))
     checker.check("tensor J vs autograd", J, J_ref)
 
     # 2./3. vec forms
-    _header(f"[2] vec form, column-major vec(W) = W.t().reshape(-1): ∂f/∂vec(W) = xᵀ ⊗ I_{n}")
+    header(f"[2] vec form, column-major vec(W) = W.t().reshape(-1): ∂f/∂vec(W) = xᵀ ⊗ I_{n}")
     print(f"  shape ({n}, {n * m}); column l·n + k holds ∂f/∂W_kl")
     print("  call: torchmatgrad.jacobian(W, x, form='vec', order='col')")
     V_col = jacobian(W, x, form="vec", order="col")
-    print(_matrix(V_col))
+    print(matrix(V_col))
     ref_col = torch.autograd.functional.jacobian(
         lambda v: v.reshape(m, n).t() @ x64, W64.t().reshape(-1)
     )
     checker.check("xᵀ ⊗ I_n vs autograd on W.t().reshape(-1)", V_col, ref_col)
 
-    _header(
-        f"[3] vec form, row-major W.reshape(-1) (torch flatten): ∂f/∂W.reshape(-1) = I_{n} ⊗ xᵀ"
-    )
+    header(f"[3] vec form, row-major W.reshape(-1) (torch flatten): ∂f/∂W.reshape(-1) = I_{n} ⊗ xᵀ")
     print(f"  shape ({n}, {n * m}); column k·m + l holds ∂f/∂W_kl")
     print("  call: torchmatgrad.jacobian(W, x, form='vec', order='row')")
     V_row = jacobian(W, x, form="vec", order="row")
-    print(_matrix(V_row))
+    print(matrix(V_row))
     ref_row = torch.autograd.functional.jacobian(lambda v: v.reshape(n, m) @ x64, W64.reshape(-1))
     checker.check("I_n ⊗ xᵀ vs autograd on W.reshape(-1)", V_row, ref_row)
 
     # 4. backprop: the outer product
     op = jacobian(W, x, form="operator")
     assert isinstance(op, JacobianOperator)
-    _header("[4] Backprop, scalar loss L with upstream g = ∂L/∂f: ∂L/∂W = g·xᵀ (outer product)")
+    header("[4] Backprop, scalar loss L with upstream g = ∂L/∂f: ∂L/∂W = g·xᵀ (outer product)")
     print(f"  g ({n}):")
-    print(_matrix(g))
+    print(matrix(g))
     print("  call: torchmatgrad.jacobian(W, x, form='operator').vjp(g)")
     print("        # one torch.ops.torchmatgrad.linear_backward call; = Σ_i g_i·J[i]")
     gxt = op.vjp(g)
-    print(_matrix(gxt))
+    print(matrix(gxt))
     checker.check("g·xᵀ vs Σ_i g_i·J_autograd[i]", gxt, torch.einsum("i,ikl->kl", g64, J_ref))
 
     # 5. JVP along a random direction
-    _header("[5] JVP along a random direction dW: J·dW = Σ_kl J[:, k, l]·dW_kl = dW·x")
+    header("[5] JVP along a random direction dW: J·dW = Σ_kl J[:, k, l]·dW_kl = dW·x")
     print(f"  dW ({n}×{m}):")
-    print(_matrix(dW))
+    print(matrix(dW))
     print("  call: op.jvp(dW)  # one torchmatgrad.linear call")
     jv = op.jvp(dW)
-    print(_matrix(jv))
+    print(matrix(jv))
     scale = (dW64.abs() @ x64.abs()).max().item()
     checker.check(
         "dW·x vs J_autograd·dW", jv, torch.einsum("ikl,kl->i", J_ref, dW64), k=m, scale=scale
@@ -204,13 +158,13 @@ def _explain(n: int, m: int, seed: int, dtype: torch.dtype, device: torch.device
     ones = torch.ones(n, m, dtype=dtype, device=device)
     ones64 = ones.double()
     s = x64.sum()
-    _header("[6] JVP along dW = all-ones 1_{n×m}: J·1 = 1·x = (xᵀ·1_m)·1_n")
+    header("[6] JVP along dW = all-ones 1_{n×m}: J·1 = 1·x = (xᵀ·1_m)·1_n")
     print(f"  xᵀ·1_m = Σ_l x_l = {s.item():+.4f}")
     print("  call: op.jvp(torch.ones(n, m))")
     jv1 = op.jvp(ones)
-    print(_matrix(jv1))
+    print(matrix(jv1))
     print("  (xᵀ·1_m)·1_n:")
-    print(_matrix(s * torch.ones(n, dtype=torch.float64)))
+    print(matrix(s * torch.ones(n, dtype=torch.float64)))
     scale1 = float(x64.abs().sum().item())
     checker.check(
         "J·1 vs J_autograd·1", jv1, torch.einsum("ikl,kl->i", J_ref, ones64), k=m, scale=scale1

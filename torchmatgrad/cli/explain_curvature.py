@@ -15,7 +15,7 @@ from .. import curvature
 from ..curvature.second_order import layer_hessian
 from ..nn import Linear
 from ..testing import generator, rand
-from .explain import _Checker, _header, _matrix
+from .explain_common import Checker, header, matrix
 
 
 def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, device) -> int:
@@ -26,7 +26,7 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
 
     X, W, b = draw(T, m), draw(n, m), draw(n)
     mix = draw(T * n, T * n)
-    checker = _Checker()
+    checker = Checker()
     print(
         f"The second derivative of L(W) = ℓ(X·Wᵀ + b)   (n = {n}, m = {m}, T = {T} positions, "
         f"seed = {seed})"
@@ -49,20 +49,20 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         w0 = W.reshape(-1) if order == "row" else W.t().reshape(-1)
         return torch.autograd.functional.hessian(L, torch.cat([w0, b]) if bias else w0)
 
-    _header("[1] One sample: ∂²L/∂W_ij∂W_kl = H_ik·x_j·x_l, H = ∂²L/∂y²  (W·x has no curvature)")
+    header("[1] One sample: ∂²L/∂W_ij∂W_kl = H_ik·x_j·x_l, H = ∂²L/∂y²  (W·x has no curvature)")
     x1 = X[:1]
     H1 = torch.autograd.functional.hessian(ell, x1 @ W.t() + b)  # [1, n, 1, n]
     print("  x =")
-    print(_matrix(x1[0], "      "))
+    print(matrix(x1[0], "      "))
     print("  H =")
-    print(_matrix(H1[0, :, 0], "      "))
+    print(matrix(H1[0, :, 0], "      "))
     print("  call: torchmatgrad.curvature.second_order.layer_hessian(x, H, order='col')")
     got = layer_hessian(x1[0], H1[0, :, 0], order="col")
     checker.check("(x·xᵀ) ⊗ H vs hessian (column-major vec W)", got, hess_W(x1, "col", False))
     got = layer_hessian(x1[0], H1[0, :, 0], order="row")
     checker.check("H ⊗ (x·xᵀ) vs hessian (row-major W.reshape(-1))", got, hess_W(x1, "row", False))
 
-    _header("[2] A sequence: Σ_{t,t'} (x_t·x_t'ᵀ) ⊗ H_tt'  (T² Kronecker products, not one)")
+    header("[2] A sequence: Σ_{t,t'} (x_t·x_t'ᵀ) ⊗ H_tt'  (T² Kronecker products, not one)")
     H = torch.autograd.functional.hessian(ell, X @ W.t() + b)  # [T, n, T, n]
     print("  call: layer_hessian(X, H)  # X [T, m], H = ∂²L/∂Y² [T, n, T, n]")
     ref = hess_W(X, "col", False)
@@ -75,11 +75,11 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         "(T > 1: not one product)"
     )
 
-    _header("[3] The bias: x_t extended by a 1 (∂y_t/∂b = I)")
+    header("[3] The bias: x_t extended by a 1 (∂y_t/∂b = I)")
     got = layer_hessian(X, H, order="row", bias=True)
     checker.check("[W.reshape(-1), b] block vs hessian", got, hess_W(X, "row", True), k=T * T)
 
-    _header("[4] K-FAC: A ⊗ G with A = E[x·xᵀ], G = Σ S-columns' g·gᵀ (fisher_type='type-2')")
+    header("[4] K-FAC: A ⊗ G with A = E[x·xᵀ], G = Σ S-columns' g·gᵀ (fisher_type='type-2')")
     layer = Linear(m, n, device=device, dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_(W)

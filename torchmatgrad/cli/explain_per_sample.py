@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import per_sample
 from ..nn import Linear
 from ..testing import generator, rand
-from .explain import _Checker, _header, _matrix
+from .explain_common import Checker, header, matrix
 
 _ops = torch.ops.torchmatgrad
 
@@ -39,7 +39,7 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         return rand(*shape, device=device, dtype=dtype, generator=gen)
 
     X, G, W, b = draw(B, T, m), draw(B, T, n), draw(n, m), draw(n)
-    checker = _Checker()
+    checker = Checker()
     dname = str(dtype).removeprefix("torch.")
     print(
         f"Per-sample gradients of y = x·Wᵀ + b   (n = {n}, m = {m}, B = {B} samples of T = {T} "
@@ -50,19 +50,19 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
     ref_w, ref_b = _reference_grads(W, b, X, G)
     ref_sq = ref_w.flatten(1).square().sum(1)
 
-    _header("[1] ∇_i W = G_iᵀ·X_i = Σ_t g_t·x_tᵀ  (a sum of T outer products), ∇_i b = Σ_t g_t")
+    header("[1] ∇_i W = G_iᵀ·X_i = Σ_t g_t·x_tᵀ  (a sum of T outer products), ∇_i b = Σ_t g_t")
     print("  call: torch.ops.torchmatgrad.per_sample_grads(G, X)  # [B, n, m]")
     per = _ops.per_sample_grads(G, X)
     print("  ∇_0 W =")
-    print(_matrix(per[0], "      "))
+    print(matrix(per[0], "      "))
     checker.check("G_iᵀ·X_i vs vmap(grad)", per, ref_w, k=T)
 
-    _header("[2] Ghost: ‖G_iᵀ·X_i‖²_F = ⟨G_i·G_iᵀ, X_i·X_iᵀ⟩_F  (two T×T Gram matrices)")
+    header("[2] Ghost: ‖G_iᵀ·X_i‖²_F = ⟨G_i·G_iᵀ, X_i·X_iᵀ⟩_F  (two T×T Gram matrices)")
     G0, X0 = G[0].double(), X[0].double()
     print("  G_0·G_0ᵀ =")
-    print(_matrix(G0 @ G0.t(), "      "))
+    print(matrix(G0 @ G0.t(), "      "))
     print("  X_0·X_0ᵀ =")
-    print(_matrix(X0 @ X0.t(), "      "))
+    print(matrix(X0 @ X0.t(), "      "))
     inner = ((G0 @ G0.t()) * (X0 @ X0.t())).sum().item()
     print(f"  ⟨·,·⟩_F = {inner:+.6f};  ‖∇_0 W‖²_F = {ref_sq[0].item():+.6f}")
     print("  call: per_sample_grad_norms(G, X, bias=False, method='ghost')  # squared norms [B]")
@@ -74,7 +74,7 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         k=k,
     )
 
-    _header("[3] Direct: Σ_jk (G_iᵀ·X_i)_jk², each tile squared in registers, nothing stored")
+    header("[3] Direct: Σ_jk (G_iᵀ·X_i)_jk², each tile squared in registers, nothing stored")
     print("  call: per_sample_grad_norms(G, X, bias=False, method='direct')")
     checker.check(
         "direct ‖∇_i W‖² vs vmap(grad)",
@@ -83,11 +83,11 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         k=k,
     )
 
-    _header("[4] T = 1 (input (B, m)): ‖g·xᵀ‖²_F = ‖g‖²·‖x‖²")
+    header("[4] T = 1 (input (B, m)): ‖g·xᵀ‖²_F = ‖g‖²·‖x‖²")
     g1, x1 = G[:, 0], X[:, 0]
     prod = g1.double().square().sum(1) * x1.double().square().sum(1)
     print("  ‖g_i‖²·‖x_i‖² =")
-    print(_matrix(prod))
+    print(matrix(prod))
     checker.check(
         "per_sample_grad_norms, 2-D input",
         _ops.per_sample_grad_norms(g1, x1, False),
@@ -95,13 +95,13 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         k=max(n, m),
     )
 
-    _header("[5] Bias: ‖∇_i b‖² = ‖Σ_t g_t‖²  (added when bias=True)")
+    header("[5] Bias: ‖∇_i b‖² = ‖Σ_t g_t‖²  (added when bias=True)")
     ref_sqb = ref_sq + ref_b.square().sum(1)
     checker.check(
         "‖∇_i W‖² + ‖∇_i b‖² vs vmap(grad)", _ops.per_sample_grad_norms(G, X, True), ref_sqb, k=k
     )
 
-    _header("[6] Cost per sample: ghost T(T+1)/2·(n+m) multiply-adds, direct T·n·m")
+    header("[6] Cost per sample: ghost T(T+1)/2·(n+m) multiply-adds, direct T·n·m")
     crossover = 2 * n * m // (n + m) - 1
     method = per_sample.per_sample_method(T, n, m)
     print(f"  ghost while (T + 1)·(n + m) ≤ 2·n·m, i.e. T ≤ {crossover} here; T = {T}: {method}")
@@ -109,12 +109,12 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         t = 2 * shape[0] * shape[1] // (shape[0] + shape[1]) - 1
         print(f"  GPT-2 small, weight {shape[0]}×{shape[1]}: ghost up to T = {t}")
 
-    _header("[7] Flat clipping: c_i = min(1, C/(‖∇_i‖ + 1e-6)); Σ_i c_i·∇_i W = (diag(c)·G)ᵀ·X")
+    header("[7] Flat clipping: c_i = min(1, C/(‖∇_i‖ + 1e-6)); Σ_i c_i·∇_i W = (diag(c)·G)ᵀ·X")
     norms = ref_sqb.sqrt()
     C = norms.median().item()
     c = (C / (norms + 1e-6)).clamp(max=1.0)
-    print(f"  ‖∇_i‖ = {_matrix(norms, '').strip()},  C = {C:.4f}")
-    print(f"  c_i   = {_matrix(c, '').strip()}")
+    print(f"  ‖∇_i‖ = {matrix(norms, '').strip()},  C = {C:.4f}")
+    print(f"  c_i   = {matrix(c, '').strip()}")
     print("  call: clipped_grad_accumulate_(G, X, c, grad_weight, grad_bias)  # G's rows × c_i")
     gw = torch.zeros(n, m, device=device, dtype=dtype)
     gb = torch.zeros(n, device=device, dtype=dtype)
@@ -127,7 +127,7 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
         "Σ_i c_i·Σ_t g_t vs Σ_i c_i·∇_i b", gb, torch.einsum("b,bj->j", c, ref_b), k=B * T
     )
 
-    _header("[8] One backward: per_sample.clipped_backward on Linear → tanh → Linear")
+    header("[8] One backward: per_sample.clipped_backward on Linear → tanh → Linear")
     torch.manual_seed(seed)
     model = torch.nn.Sequential(Linear(m, n), torch.nn.Tanh(), Linear(n, 2)).to(device, dtype)
     model = per_sample.enable(model)
@@ -151,7 +151,7 @@ def explain(n: int, m: int, B: int, T: int, seed: int, dtype: torch.dtype, devic
     C2 = model_norms.median().item()
     clip = (C2 / (model_norms + 1e-6)).clamp(max=1.0)
     print(f"  C = {C2:.4f}; per-sample norms over all 4 parameters:")
-    print(_matrix(model_norms))
+    print(matrix(model_norms))
     print("  call: per_sample.clipped_backward(model, loss_per_sample, C)")
     got = per_sample.clipped_backward(model, loss_of(model(X), target), C2)
     kk = T * max(n, m) * 4
