@@ -9,19 +9,10 @@
 #include <optional>
 #include <tuple>
 
+#include "checks.h"
 #include "constants.h"
 
 namespace torchmatgrad {
-
-inline bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-inline void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_supported_dtype(t.scalar_type()), name,
-              " must be a floating point tensor (float32, float64, bfloat16 or float16), got ",
-              t.scalar_type());
-}
 
 // y = input·weightᵀ + bias. weight [n, m], input [..., m], bias [n] or None.
 inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
@@ -85,13 +76,6 @@ inline void check_grad_weight_buffer(const at::Tensor& grad_weight, const at::Te
               grad_weight.device(), " and weight on ", weight.device());
   TORCH_CHECK(grad_weight.is_contiguous(), "grad_weight must be contiguous, got strides ",
               grad_weight.strides());
-}
-
-// Rows of the flattened batch: input [..., m] is viewed as [R, m] (also when m == 0).
-inline int64_t batch_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return rows;
 }
 
 // An allocation function: at::empty, or on the CPU cpu::empty_reused (block_cache.h).

@@ -15,7 +15,7 @@
 #include <optional>
 #include <string>
 
-#include "ops.h"
+#include "checks.h"
 
 namespace torchmatgrad {
 

@@ -42,6 +42,7 @@ namespace torchmatgrad::cpu {
 #define TMG_TILE_STORE(t, p, bytes) _tile_stored(t, p, bytes)
 #define TMG_TILE_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 namespace amx {
+#include "vec.h"
 #include "kernels.h"
 #include "tile_gemm.h"
 }  // namespace amx

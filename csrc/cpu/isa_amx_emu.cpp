@@ -119,6 +119,7 @@ inline void emu_dp(int c, int a, int b) {
 #define TMG_TILE_LOAD(t, p, bytes) emu_load(t, p, bytes)
 #define TMG_TILE_STORE(t, p, bytes) emu_store(t, p, bytes)
 #define TMG_TILE_DP(c, a, b) emu_dp(c, a, b)
+#include "vec.h"
 #include "kernels.h"
 #include "tile_gemm.h"
 }  // namespace amxemu

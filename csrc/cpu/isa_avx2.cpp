@@ -21,6 +21,7 @@
 
 namespace torchmatgrad::cpu {
 namespace avx2 {
+#include "vec.h"
 #include "kernels.h"
 #include "per_sample_kernels.h"
 }  // namespace avx2

@@ -22,6 +22,7 @@
 
 namespace torchmatgrad::cpu {
 namespace avx512 {
+#include "vec.h"
 #include "kernels.h"
 #include "per_sample_kernels.h"
 }  // namespace avx512

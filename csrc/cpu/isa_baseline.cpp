@@ -14,6 +14,7 @@
 
 namespace torchmatgrad::cpu {
 namespace baseline {
+#include "vec.h"
 #include "kernels.h"
 #include "per_sample_kernels.h"
 }  // namespace baseline

@@ -27,8 +27,9 @@ namespace torchmatgrad::cpu {
 #define TORCHMATGRAD_AVX512 1
 #define TORCHMATGRAD_VEC_BYTES 64
 namespace native512 {
+#include "vec.h"
 #include "kernels.h"
-}
+}  // namespace native512
 #pragma GCC pop_options
 
 namespace {

@@ -2,11 +2,12 @@
 // (ghost and direct) and the weighted weight gradient Σ_r s_r·g_r·x_rᵀ (clipped accumulation,
 // and per-sample gradients with s_r = 1 over one sample's rows).
 //
-// Included by each ISA unit right after kernels.h, inside the unit's namespace and under its
-// `#pragma GCC target`, so it uses that unit's VecOf, vload, vstore, to_acc, from_acc and hsum;
-// `make_per_sample_table()` gives the unit's PerSampleTable (kernel_table.h). No include guard
-// and no #include, as for kernels.h. Sums run in the accumulation type (float for 16-bit and
-// float, double for double); norms are summed tile by tile into double.
+// Included by each ISA unit after vec.h (and kernels.h, which it does not use), inside the
+// unit's namespace and under its `#pragma GCC target`, so it uses that unit's VecOf, vload,
+// vstore, to_acc, from_acc and hsum (vec.h); `make_per_sample_table()` gives the unit's
+// PerSampleTable (kernel_table.h). No include guard and no #include, as for vec.h. Sums run in the
+// accumulation type (float for 16-bit and float, double for double); norms are summed tile by tile
+// into double.
 
 // Register tile of the outer-product kernels: kPanelRows rows of grad_W (one panel of G) by
 // kTileVecs vectors of columns: 8 × 3 = 24 accumulators of 32 registers (AVX-512), 4 × 3 = 12 of

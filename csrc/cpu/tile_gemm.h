@@ -3,7 +3,7 @@
 //
 // Included by a unit (isa_amx.cpp: the AMX tiles; isa_amx_emu.cpp: the same drivers over a
 // software model of them, so that they run and are tested on CPUs without AMX) inside its
-// namespace, after kernels.h (whose vload / vstore helpers the epilogue uses), with the tile
+// namespace, after vec.h (whose vload / vstore helpers the epilogue uses), with the tile
 // operations defined as macros on tile numbers (literal 0-7, as the AMX intrinsics require):
 //   TMG_TILE_CONFIG(cfg)         load a TileConfig          TMG_TILE_RELEASE()
 //   TMG_TILE_ZERO(t)             tile t = 0
