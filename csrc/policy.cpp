@@ -89,6 +89,10 @@ bool kernel_forced() {
   return g_override.load(std::memory_order_relaxed) == 1;
 }
 
+bool vendor_forced() {
+  return g_override.load(std::memory_order_relaxed) == 2;
+}
+
 void set_path_table(const std::string& device_type, const at::Tensor& vendor) {
   const int dev = device_index(device_type);
   TORCH_CHECK(vendor.device().is_cpu() && vendor.scalar_type() == at::kBool && vendor.dim() == 4 &&

@@ -19,8 +19,9 @@ enum Op : int { kForward = 0, kBackward = 1, kAccumulate = 2, kNumOps = 3 };
 bool use_vendor(c10::DeviceType device, at::ScalarType dtype, Op op, int64_t rows, int64_t n,
                 int64_t m);
 
-// Whether the kernel path is forced (_set_path_override(1)).
+// Whether the kernel path is forced (_set_path_override(1)); the vendor route (2).
 bool kernel_forced();
+bool vendor_forced();
 
 // The control ops (schemas in ops.cpp).
 // _set_path_table(device_type, vendor): vendor is a bool CPU tensor [kNumOps, 4 dtypes

@@ -15,19 +15,37 @@
 namespace torchmatgrad {
 
 // A weight stored transposed: weight.t() contiguous, as HF's Conv1D keeps W ([in, out], used
-// as weight.t()). The kernels read W along k and would copy it on every call (768→3072 float32,
-// 1 row: 3.4 ms against torch's 0.23 ms on a 2-core EPYC); the vendor route reads it in place.
+// as weight.t()).
 inline bool transposed_weight(const at::Tensor& w) {
   return w.dim() == 2 && w.size(0) > 1 && w.size(1) > 1 && w.stride(0) == 1 &&
          w.stride(1) == w.size(0);
 }
 
-// Whether the policy sends this call (rows of input against weight) to the vendor route; a
-// transposed weight goes there unless the kernel path is forced.
+// Rows up to which a transposed weight's forward and backward run on the CPU kernels, which read
+// it in place (cpu/linear_cpu.cpp, "a weight stored transposed"): the memory-bound few rows,
+// where they match or beat ATen's mm on the same layout. A float32/float64 forward of 5-16 rows
+// is slower on the kernels (few-rows sums over W's columns) than on mm; 16-bit (no AMX) faster.
+// Xeon (Emerald Rapids, AMX masked), 1 thread, GPT-2 small's 768 → 3072, ms, kernel / mm:
+// float32 forward 1 row 0.39 / 0.41, 4 rows 0.42 / 0.44, 16 rows 1.05 / 0.76; forward +
+// backward 16 rows 2.52 / 2.81; bfloat16 forward 16 rows 1.06 / 1.29.
+constexpr int64_t kTransposedKernelRows = 16;
+constexpr int64_t kTransposedForwardRows32 = 4;  // float32, float64 forward
+
+// Whether the policy sends this call (rows of input against weight) to the vendor route. A
+// transposed weight goes there (ATen's mm reads it in place) unless a path is forced, but for
+// the CPU forward and backward of few rows (above).
 inline bool use_vendor(policy::Op op, const at::Tensor& input, const at::Tensor& weight) {
-  if (transposed_weight(weight) && !policy::kernel_forced()) return true;
-  return policy::use_vendor(weight.device().type(), weight.scalar_type(), op, batch_rows(input),
-                            weight.size(0), weight.size(1));
+  const int64_t rows = batch_rows(input);
+  if (transposed_weight(weight) && !policy::kernel_forced()) {
+    const bool wide = weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble;
+    const int64_t kernel_rows =
+        op == policy::kForward && wide ? kTransposedForwardRows32 : kTransposedKernelRows;
+    const bool kernels_read_it =
+        weight.is_cpu() && op != policy::kAccumulate && rows <= kernel_rows;
+    return !kernels_read_it || policy::vendor_forced();
+  }
+  return policy::use_vendor(weight.device().type(), weight.scalar_type(), op, rows, weight.size(0),
+                            weight.size(1));
 }
 
 // y = input·weightᵀ + bias (addmm, or mm without bias), input [..., m] -> y [..., n].

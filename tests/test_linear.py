@@ -367,30 +367,39 @@ def test_packed_weight_panels(dtype):
     torch.testing.assert_close(empty, b.expand(rows, n), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("forced", ["auto", "kernel"])
-def test_transposed_weight_stays_in_place(device, dtype, forced):
-    """A weight stored as [in, out] and used as its .t() (HF's Conv1D) is read in place by the
-    vendor route (csrc/vendor.h, transposed_weight), and the stored tensor's gradient comes out in
-    its own layout (contiguous: AccumulateGrad keeps it, no copy); with the kernel path forced the
-    kernels take a contiguous copy. The values, and the fake kernel's strides, match either way."""
+@pytest.mark.parametrize("forced", ["auto", "kernel", "vendor"])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 17, 140], ids=lambda r: f"rows{r}")
+def test_transposed_weight_stays_in_place(device, dtype, forced, rows):
+    """A weight stored as [in, out] and used as its .t() (HF's Conv1D) is read in place, by the
+    CPU kernels (few rows unless a path is forced: csrc/vendor.h, use_vendor; every row count
+    with the kernel path forced: the few-rows kernels up to 16 rows, the GEMMs above) and by the
+    vendor route; the stored tensor's gradient comes out
+    in its own layout (contiguous: AccumulateGrad keeps it, no copy) but from the CUDA kernels
+    (forced), which return [out, in]. The values, and the fake kernel's strides, match either
+    way."""
     from torchmatgrad import policy
 
     stored = rand(33, 20, device=device, dtype=dtype, requires_grad=True)  # [in, out]
-    x = rand(2, 7, 33, device=device, dtype=dtype)
+    x = rand(rows, 66, device=device, dtype=dtype)[:, 1::2]  # strided
     b = rand(20, device=device, dtype=dtype)
     with policy.force_path(forced):
         y = torchmatgrad.linear(x, stored.t(), b)
-        g = rand(2, 7, 20, device=device, dtype=dtype)
+        y0 = torchmatgrad.linear(x, stored.t())
+        g = rand(rows, 20, device=device, dtype=dtype)
         y.backward(g)
-        gi, gw, _ = ops.linear_backward(g, x, stored.t(), [True, True, False])
+        gi, gw, gb = ops.linear_backward(g, x, stored.t(), [True, True, True])
         torch.library.opcheck(ops.linear_backward.default, (g, x, stored.t(), [True, True, True]))
-    x64, s64, b64 = (t.detach().double() for t in (x, stored, b))
-    assert_close(y, F.linear(x64, s64.t(), b64), k=33, peers=[F.linear(x, stored.t(), b)])
-    ref_grad = torch.einsum("btn,btm->mn", g.double(), x64)
-    assert_close(stored.grad, ref_grad, k=14, what="stored weight's grad")
+        torch.library.opcheck(ops.linear.default, (x, stored.t(), b))
+    x64, s64, b64, g64 = (t.detach().double() for t in (x, stored, b, g))
+    assert_close(y, F.linear(x64, s64.t(), b64), k=34, peers=[F.linear(x, stored.t(), b)])
+    assert_close(y0, x64 @ s64, k=33, peers=[x @ stored], what="forward, no bias")
+    assert_close(stored.grad, x64.t() @ g64, k=rows, what="stored weight's grad")
     assert stored.grad.is_contiguous()
-    assert gw.shape == (20, 33) and gw.t().is_contiguous() == (forced == "auto")
-    assert_close(gi, g.double() @ s64.t(), k=20, what="grad_input")
+    in_own_layout = device == "cpu" or forced != "kernel"
+    assert gw.shape == (20, 33) and gw.t().is_contiguous() == in_own_layout
+    assert_close(gw, g64.t() @ x64, k=rows, what="grad_weight")
+    assert_close(gi, g64 @ s64.t(), k=20, what="grad_input")
+    assert_close(gb, g64.sum(0), k=rows, what="grad_bias")
 
 
 @pytest.mark.parametrize(

@@ -200,13 +200,13 @@ def _linear_backward_fake(
     gw = None
     if output_mask[1]:
         # A weight stored transposed (csrc/vendor.h, transposed_weight: HF's Conv1D) gets its
-        # gradient in its own layout from the vendor route, where it always goes unless the
-        # kernel path is forced.
+        # gradient in its own layout from the CPU (kernels and vendor route alike) and from the
+        # CUDA vendor route, where it goes unless the kernel path is forced.
         from . import policy
 
         n, m = weight.shape
         transposed = n > 1 and m > 1 and weight.stride() == (1, n)
-        if transposed and policy.current_path() != "kernel":
+        if transposed and (weight.device.type == "cpu" or policy.current_path() != "kernel"):
             gw = weight.new_empty((m, n)).t()
         else:
             gw = weight.new_empty(weight.shape)

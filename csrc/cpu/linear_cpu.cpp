@@ -348,6 +348,63 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   }
 }
 
+// ---- a weight stored transposed ------------------------------------------------------------
+//
+// HF's Conv1D keeps W [n, m] as Wt [m, n] (weight = Wt.t(), strides (1, n): vendor.h,
+// transposed_weight). The kernels read Wt in place: y = x·Wt is the product grad_input = G·W
+// computes (Wt's rows along the output), G·W = G·Wtᵀ the one the forward computes (Wt's rows
+// along the reduction), and grad_W, returned in the stored layout, is Wt's gradient Xᵀ·G: the
+// grad_W of a layer with weight Wt, input G and grad_output X. vendor.h's use_vendor says for
+// how many rows these run here (the few, memory-bound rows, with the figures) unless a path is
+// forced; with the kernel path forced, every row count.
+
+// y [R, n] = x [R, m]·Wt (+ bias): wt = weight.t(), contiguous [m, n].
+template <typename T>
+void forward_transposed(const at::Tensor& x2d, const at::Tensor& wt, const at::Tensor& b,
+                        const at::Tensor& y) {
+  using A_t = acc_t<T>;
+  const int64_t R = x2d.size(0), m = wt.size(0), n = wt.size(1);
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    if (const cpu::TileGemm* tg = tiles(); tg != nullptr && R > kCpuDotRows) {
+      tile_gemm<bf16_t>(*tg, x2d, ptr<bf16_t>(wt), n, false, n, ptr<bf16_t>(y), n, ptr<bf16_t>(b),
+                        false);
+      return;
+    }
+  }
+  if (R <= kFewRows) {
+    // grad_input's few-rows kernel, one pass over Wt; the bias added after it.
+    few_rows_backward<T, T>(x2d, x2d, wt, y, at::Tensor(), GradStore::kStore);
+    if (b.defined()) y.add_(b);
+    return;
+  }
+  auto x = x2d.to(acc_dtype(x2d.scalar_type())).contiguous();
+  gemm_nt<T, T>(ptr<A_t>(x), m, ptr<T>(wt), 1, ptr<T>(y), n, ptr<T>(b), R, n, m, false, x.options(),
+                /*ldbk=*/n);
+}
+
+// grad_input [R, m] = G·Wtᵀ and grad_W in the stored layout, gwt [m, n] (=|+=) Xᵀ·G; gb [n].
+template <typename T>
+void backward_transposed(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tensor& wt,
+                         const at::Tensor& gi, const at::Tensor& gwt, const at::Tensor& gb) {
+  using A_t = acc_t<T>;
+  const int64_t R = g2d.size(0), m = wt.size(0), n = wt.size(1);
+  if (gb.defined()) bias_grad<T>(g2d, gb);
+  if (gwt.defined()) backward_into<T, T>(x2d, g2d, wt, at::Tensor(), gwt, at::Tensor(), false);
+  if (!gi.defined() || gi.numel() == 0) return;
+  if (R == 0 || n == 0) {
+    gi.zero_();
+    return;
+  }
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    if (const cpu::TileGemm* tg = tiles(); tg != nullptr && R > kCpuDotRows) {
+      tile_gemm<bf16_t>(*tg, g2d, ptr<bf16_t>(wt), n, true, m, ptr<bf16_t>(gi), m, nullptr, false);
+      return;
+    }
+  }
+  auto g = g2d.to(acc_dtype(g2d.scalar_type())).contiguous();
+  gemm_nt<T, T>(ptr<A_t>(g), n, ptr<T>(wt), n, ptr<T>(gi), m, nullptr, R, m, n, false, g.options());
+}
+
 }  // namespace
 
 at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -356,9 +413,19 @@ at::Tensor linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (use_vendor(policy::kForward, input, weight))
     return linear_forward_vendor(input, weight, bias);
   const int64_t n = weight.size(0), m = weight.size(1), R = batch_rows(input);
-  auto w = weight.contiguous();
   at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   auto y = at::empty({R, n}, input.options());
+  if (transposed_weight(weight)) {
+    if (y.numel() > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, input.scalar_type(), "torchmatgrad_linear_cpu_transposed", [&] {
+            using T = typename Storage<scalar_t>::type;
+            forward_transposed<T>(input.reshape({R, m}), weight.t(), b, y);
+          });
+    }
+    return y.view(output_shape(input, n));
+  }
+  auto w = weight.contiguous();
   const cpu::TileGemm* tg = input.scalar_type() == at::kBFloat16 ? tiles() : nullptr;
   if (tg != nullptr && R > kCpuDotRows) {
     // On the tiles, x read through its strides (packed once), nothing widened.
@@ -387,6 +454,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   check_backward_args(grad_output, input, weight);
   if (use_vendor(policy::kBackward, input, weight))
     return linear_backward_vendor(grad_output, input, weight, output_mask);
+  if (transposed_weight(weight)) {
+    // grad_W in the weight's own layout, as the vendor route returns it (vendor.cpp).
+    const int64_t n = weight.size(0), m = weight.size(1), R = batch_rows(input);
+    const auto x2d = input.reshape({R, m}).contiguous();
+    const auto g2d = grad_output.reshape({R, n}).contiguous();
+    at::Tensor gi, gwt, gb;
+    if (output_mask[0]) gi = cpu::empty_reused(input.sizes(), input.options());
+    if (output_mask[1]) gwt = cpu::empty_reused({m, n}, weight.options());
+    if (output_mask[2]) gb = at::empty({n}, weight.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                    "torchmatgrad_linear_backward_cpu_transposed", [&] {
+                                      using T = typename Storage<scalar_t>::type;
+                                      backward_transposed<T>(g2d, x2d, weight.t(),
+                                                             gi.defined() ? gi.view({R, m}) : gi,
+                                                             gwt, gb);
+                                    });
+    return {gi, gwt.defined() ? gwt.t() : gwt, gb};
+  }
   auto o = backward_operands(grad_output, input, weight, output_mask[0], output_mask[2],
                              &cpu::empty_reused);
   at::Tensor gw;
