@@ -94,17 +94,25 @@ def test_grouping_and_newest_wins(tmp_path):
     _write(tmp_path / "ddddddd-t-a.json", _doc(_grid(rng), kind_a, "2026-02-01T00:00:00+00:00"))
     (tmp_path / "eeeeeee-t-shapes.json").write_text('{"meta": {}, "rows": []}', encoding="utf-8")
     (tmp_path / "bbbbbbb-t-grid-cpu.png").write_bytes(b"")
+    (tmp_path / "ccccccc-t-grid-cpu.png").write_bytes(b"")  # the kind's newest plot
 
     runs = results.load_runs(tmp_path)
     assert sorted(r.commit for r in runs) == ["0000000", "aaaaaaa", "bbbbbbb", "ccccccc"]
     now = results.current(runs)
     assert [r.commit for r in now] == ["0000000", "bbbbbbb"]  # the most recent kind first
     text = results.render(runs, full=True, base=tmp_path)
-    for commit in ("aaaaaaa", "ccccccc", "ddddddd", "eeeeeee"):
+    for commit in ("aaaaaaa", "ddddddd", "eeeeeee"):
         assert commit not in text
     assert "ISA unit `avx512bf16`" in text and "ISA unit `avx512`" in text
-    assert "[plot](bbbbbbb-t-grid-cpu.png)" in text
-    assert "0000000, 2026-01-03 ([JSON](0000000-t-grid.json), no plot stored)" in text
+    assert (
+        "bbbbbbb, 2026-01-02 ([JSON](bbbbbbb-t-grid.json), [plot](bbbbbbb-t-grid-cpu.png))" in text
+    )
+    assert (
+        "0000000, 2026-01-03 ([JSON](0000000-t-grid.json), "
+        "[plot of ccccccc](ccccccc-t-grid-cpu.png))" in text
+    )
+    short = results.render(runs, full=False, base=tmp_path)
+    assert "](ccccccc-t-grid-cpu.png)\n" in short and "](bbbbbbb-t-grid-cpu.png)\n" in short
 
 
 def test_gpu_bench_file_is_one_run_of_its_card(tmp_path):
@@ -122,7 +130,8 @@ def test_gpu_bench_file_is_one_run_of_its_card(tmp_path):
     assert run.device == "cuda" and run.kind == ("cuda", "Test GPU (sm_90)", "2.11.0")
     assert run.date == "2026-01-01" and len(results.default_rows(run.rows)) == 2 * len(CASES)
     text = results.render([run], True, tmp_path)
-    assert "**Test GPU (sm_90)**, torch 2.11.0; commit fffffff" in text
+    assert "**Test GPU (sm_90)**, torch 2.11.0; commit fffffff, 2026-01-01 (" in text
+    assert "no plot stored" in text
 
 
 def test_summary_counts_median_and_worst():
@@ -173,6 +182,10 @@ def test_write_and_check(tmp_path, capsys):
         assert text == f"head\n{results.BEGIN}\n{block}{results.END}\ntail\n"
         assert "[JSON](results/abcdef0-t-grid.json" in text
     assert "| weight |" in log.read_text(encoding="utf-8")
+    # The forced-kernel rows are summarised apart, in the full form only.
+    forced = sum(r["variant"] == "kernel" for r in runs[0].rows)
+    assert f"forced where the default is the vendor route: {forced} rows" in log.read_text("utf-8")
+    assert "forced" not in readme.read_text(encoding="utf-8")
     assert "| weight |" not in readme.read_text(encoding="utf-8")
 
     assert cli.main(["results", "--dir", str(data), "--short"]) == 0

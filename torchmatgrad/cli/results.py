@@ -143,11 +143,22 @@ def _size(row: dict[str, Any]) -> str:
     return f"{n}²" if n == m else f"{n}×{m}"
 
 
-def _cell(row: dict[str, Any], with_shape: bool = False) -> str:
+def _cell(row: dict[str, Any], size: bool = False, dtype: bool = False) -> str:
     case = CASES.get(row["case"], row["case"])
     variant = "" if row.get("variant", "-") == "-" else f" {row['variant']}"
-    shape = f"{row['dtype']} {_size(row)} " if with_shape else ""
+    shape = (f"{row['dtype']} " if dtype else "") + (f"{_size(row)} " if size else "")
     return f"{shape}{case}{variant} B={row['B']}"
+
+
+def coverage(rows: Sequence[dict[str, Any]]) -> str:
+    """What a run covered: its cases, weight sizes and batch rows."""
+    mine = default_rows(rows)
+    cases = [CASES.get(c, c) for c in dict.fromkeys(r["case"] for r in mine)]
+    sizes = sorted({(r["n"] * r["m"], _size(r)) for r in mine})
+    Bs = sorted({int(r["B"]) for r in mine})
+    size = ", ".join(s for _, s in sizes) if len(sizes) <= 3 else f"{sizes[0][1]}–{sizes[-1][1]}"
+    B = ", ".join(map(str, Bs)) if len(Bs) <= 3 else f"{Bs[0]}–{Bs[-1]}"
+    return f"{', '.join(cases)}; {size}; B = {B}"
 
 
 @dataclass(frozen=True)
@@ -200,17 +211,27 @@ def _link(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path, base)).as_posix()
 
 
-def _plot(run: Run) -> Path | None:
-    """The PNG of the same file (``<stem>-cpu.png``, ``<stem>.png``), else of the same commit."""
+def _png(run: Run) -> Path | None:
+    """The PNG that ``bench`` wrote beside the run's JSON (``<stem>-cpu.png``, ``<stem>.png``)."""
     stem = run.path.name[: -len(".json")]
     for name in (f"{stem}-{run.device}.png", f"{stem}.png"):
         if (run.path.parent / name).exists():
             return run.path.parent / name
-    same = sorted(run.path.parent.glob(f"{run.commit}-*.png"))
-    return same[0] if same else None
+    return None
 
 
-def heading(run: Run, base: Path) -> str:
+def plot(run: Run, runs: Iterable[Run]) -> tuple[Path, str] | None:
+    """(PNG, its commit): the run's own plot, else that of the newest earlier run of its kind
+    that has one (a grid run with ``--no-plot``, or without matplotlib, stores none)."""
+    earlier = [r for r in runs if r.kind == run.kind and r.created <= run.created]
+    for r in sorted(earlier, key=lambda r: r.created, reverse=True):
+        png = _png(r)
+        if png is not None:
+            return png, r.commit
+    return None
+
+
+def heading(run: Run, png: tuple[Path, str] | None, base: Path) -> str:
     """The line naming the machine, torch, commit, date, the file and the plot."""
     m = run.machine
     if run.device == "cuda":
@@ -222,9 +243,12 @@ def heading(run: Run, base: Path) -> str:
             + (f", {threads} threads" if threads else "")
             + f", torch {m.get('torch')}"
         )
-    plot = _plot(run)
     links = f"[JSON]({_link(run.path, base)})"
-    links += f", [plot]({_link(plot, base)})" if plot else ", no plot stored"
+    if png is None:
+        links += ", no plot stored"
+    else:
+        of = "" if png[1] == run.commit else f" of {png[1]}"
+        links += f", [plot{of}]({_link(png[0], base)})"
     return f"{what}; commit {run.commit}, {run.date} ({links})"
 
 
@@ -234,7 +258,9 @@ def _paths(s: Summary) -> str:
 
 def _line(label: Sequence[str], s: Summary, full: bool) -> str:
     kept = f"{s.kept_up} of {s.rows}" + (f" ({s.failed} failed)" if s.failed else "")
-    worst = "–" if s.worst is None else f"{_x(s.worst['speedup_vs_torch'])} ({_cell(s.worst)})"
+    worst = "–"
+    if s.worst is not None:  # the full form's line names the weight already
+        worst = f"{_x(s.worst['speedup_vs_torch'])} ({_cell(s.worst, not full)})"
     cells = [*label, kept, _x(s.median), worst] + ([_paths(s)] if full else [])
     return "| " + " | ".join(cells) + " |"
 
@@ -260,21 +286,48 @@ def table(run: Run, full: bool) -> list[str]:
     return out
 
 
+def _ratio(row: dict[str, Any]) -> float:
+    v = row.get("speedup_vs_torch")
+    return float("inf") if v is None else float(v)
+
+
+def notes(run: Run) -> list[str]:
+    """The full form's lines under a table: the forced-kernel rows, and every row below."""
+    out = []
+    forced = [r for r in run.rows if r.get("peer") == "torchmatgrad"]
+    forced = [r for r in forced if "kernel" in str(r.get("variant", "")).split(",")]
+    forced = [r for r in forced if r.get("speedup_vs_torch") is not None]
+    if forced:
+        worst = min(forced, key=_ratio)
+        median = statistics.median(_ratio(r) for r in forced)
+        out += [
+            "The hand-written kernels forced where the default is the vendor route: "
+            f"{len(forced)} row{'s' * (len(forced) != 1)}, median {_x(median)}, lowest "
+            f"{_x(_ratio(worst))} ({_cell(worst, True, True)}).",
+            "",
+        ]
+    below = sorted((r for r in default_rows(run.rows) if _ratio(r) < THRESHOLD), key=_ratio)
+    if below:
+        cells = ", ".join(f"{_cell(r, True, True)} {_x(_ratio(r))}" for r in below)
+        out += [f"Below {THRESHOLD}×: {cells}.", ""]
+    return out
+
+
 def render(runs: Iterable[Run], full: bool, base: Path) -> str:
     """The generated block: for each machine kind's current run, its heading and table. Links
     are relative to ``base`` (the folder of the file the block goes in)."""
+    runs = list(runs)
     out: list[str] = []
     for run in current(runs):
         s = summarize(run.rows)
-        total = f"all {s.rows} rows: {s.kept_up} ≥ {THRESHOLD}×, median {_x(s.median)}"
-        out += [f"{heading(run, base)}: {total}.", "", *table(run, full), ""]
-        below = sorted(
-            (r for r in default_rows(run.rows) if (r.get("speedup_vs_torch") or 0) < THRESHOLD),
-            key=lambda r: r.get("speedup_vs_torch") or 0,
-        )
-        if full and below:
-            cells = ", ".join(f"{_cell(r, True)} {_x(r.get('speedup_vs_torch'))}" for r in below)
-            out += [f"Below {THRESHOLD}×: {cells}.", ""]
+        png = plot(run, runs)
+        total = f"{s.rows} rows ({coverage(run.rows)}): {s.kept_up} ≥ {THRESHOLD}×, median "
+        out += [f"{heading(run, png, base)}: {total}{_x(s.median)}.", "", *table(run, full), ""]
+        if full:
+            out += notes(run)
+        elif png is not None:
+            what = run.kind[1] if run.device == "cuda" else f"{run.kind[1]}, {run.kind[3]}"
+            out += [f"![{what}, commit {png[1]}]({_link(png[0], base)})", ""]
     if not out:
         return "No stored grid found.\n"
     return "\n".join(out).rstrip() + "\n"
