@@ -23,6 +23,13 @@ def test_blocks_are_current():
     assert not stale, f"stale results blocks in {stale}: run python -m torchmatgrad results --write"
 
 
+def test_readme_stays_short():
+    # Issue 29: a newcomer's five minutes. A new machine kind adds 9 lines to the block; when
+    # this fails, shorten the prose (move it to docs/), not the generated tables.
+    lines = results.README.read_text(encoding="utf-8").count("\n")
+    assert lines <= 220, f"README.md has {lines} lines, at most 220"
+
+
 def _row(dtype, n, B, case, variant, peer, speedup, path="cpu:few-rows", device="cpu"):
     return {
         "device": device,
@@ -90,6 +97,9 @@ def test_grouping_and_newest_wins(tmp_path):
     # Named after an older commit, but run later: the time decides.
     _write(tmp_path / "0000000-t-grid.json", _doc(_grid(rng), kind_b, "2026-01-03T00:00:00+00:00"))
     _write(tmp_path / "ccccccc-t-grid.json", _doc(_grid(rng), kind_b, "2026-01-01T12:00:00+00:00"))
+    # The first machine again, with another torch: its own kind, listed beside the first.
+    older_torch = _machine(torch_version="2.13.0")
+    _write(tmp_path / "1111111-t-grid.json", _doc(_grid(rng), older_torch, "2026-01-04T00:00:00"))
     # Not a grid (a partial run, another layout): never current.
     _write(tmp_path / "ddddddd-t-a.json", _doc(_grid(rng), kind_a, "2026-02-01T00:00:00+00:00"))
     (tmp_path / "eeeeeee-t-shapes.json").write_text('{"meta": {}, "rows": []}', encoding="utf-8")
@@ -97,9 +107,16 @@ def test_grouping_and_newest_wins(tmp_path):
     (tmp_path / "ccccccc-t-grid-cpu.png").write_bytes(b"")  # the kind's newest plot
 
     runs = results.load_runs(tmp_path)
-    assert sorted(r.commit for r in runs) == ["0000000", "aaaaaaa", "bbbbbbb", "ccccccc"]
+    assert sorted(r.commit for r in runs) == [
+        "0000000",
+        "1111111",
+        "aaaaaaa",
+        "bbbbbbb",
+        "ccccccc",
+    ]
     now = results.current(runs)
-    assert [r.commit for r in now] == ["0000000", "bbbbbbb"]  # the most recent kind first
+    # The machine run most recently first; on one machine, the newest torch first.
+    assert [r.commit for r in now] == ["bbbbbbb", "1111111", "0000000"]
     text = results.render(runs, full=True, base=tmp_path)
     for commit in ("aaaaaaa", "ddddddd", "eeeeeee"):
         assert commit not in text

@@ -115,13 +115,29 @@ def load_runs(directory: Path = RESULTS_DIR) -> list[Run]:
     return sorted(runs, key=lambda r: r.created)
 
 
+def _version(torch_version: str) -> tuple[int, ...]:
+    """(2, 14, 1) for "2.14.1+cu130"."""
+    head = torch_version.split("+")[0]
+    return tuple(int(p) for p in head.split(".") if p.isdigit())
+
+
 def current(runs: Iterable[Run]) -> list[Run]:
-    """The newest run of each machine kind, the most recent kind first."""
+    """The newest run of each machine kind: CPUs first, the machine (model and ISA unit, or
+    card) run most recently first, and on one machine the newest torch first."""
     newest: dict[tuple[str, ...], Run] = {}
     for run in runs:
         if run.kind not in newest or run.created > newest[run.kind].created:
             newest[run.kind] = run
-    return sorted(newest.values(), key=lambda r: (r.device != "cpu", -r.created.timestamp()))
+    latest: dict[tuple[str, ...], float] = {}
+    for run in newest.values():
+        machine = run.kind[:-1]
+        latest[machine] = max(latest.get(machine, 0.0), run.created.timestamp())
+
+    def order(run: Run) -> tuple[Any, ...]:
+        version = tuple(-v for v in _version(run.kind[-1]))
+        return (run.device != "cpu", -latest[run.kind[:-1]], run.kind[:-1], version)
+
+    return sorted(newest.values(), key=order)
 
 
 # ---- the summary ------------------------------------------------------------------------------
