@@ -1,4 +1,4 @@
-"""The command-line tools: ``python -m torchmatgrad info | check | explain | bench | tune``.
+"""The command-line tools: ``python -m torchmatgrad <command>``, one per entry of COMMANDS.
 
 Each command is a module (``bench`` a package) with a ``build_parser()`` (its options, built
 without running anything: :mod:`.docs` renders them into docs/cli.md) and a ``main(argv) -> int``;
@@ -17,13 +17,14 @@ COMMANDS = {
     "explain": "print the derivative of W·x for a small example, checked against autograd",
     "bench": "benchmark against torch (--quick for a one-minute run)",
     "tune": "measure which path (kernel or vendor) is faster here; write the policy cache",
+    "results": "tables of the stored benchmark results per machine kind (--write: the README's)",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m torchmatgrad {info,check,explain,bench,tune} [options]\n")
+        print("usage: python -m torchmatgrad {" + ",".join(COMMANDS) + "} [options]\n")
         for name, what in COMMANDS.items():
             print(f"  {name:8s} {what}")
         if argv and argv[0] not in ("-h", "--help"):
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         from .explain import main as run
     elif command == "tune":
         from .tune import main as run
+    elif command == "results":
+        from .results import main as run
     else:
         from .bench import main as run
     return run(rest)
