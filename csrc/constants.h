@@ -16,6 +16,16 @@ constexpr int64_t kFewRows = 16;
 // 2-8 side by side); from kCpuDotRows + 1 rows on, the rows of x go into the vector lanes.
 constexpr int64_t kCpuDotRows = 4;
 
+// Rows up to which a transposed weight's forward and backward run on the CPU kernels, which read
+// it in place (cpu/linear_cpu.cpp, "a weight stored transposed"; vendor.h, use_vendor): the
+// memory-bound few rows, where they match or beat ATen's mm on the same layout. A float32/float64
+// forward of 5-16 rows is slower on the kernels (few-rows sums over W's columns) than on mm; 16-bit
+// (no AMX) faster. Xeon (Emerald Rapids, AMX masked), 1 thread, GPT-2 small's 768 → 3072, ms,
+// kernel / mm: float32 forward 1 row 0.39 / 0.41, 4 rows 0.42 / 0.44, 16 rows 1.05 / 0.76; forward
+// + backward 16 rows 2.52 / 2.81; bfloat16 forward 16 rows 1.06 / 1.29.
+constexpr int64_t kTransposedKernelRows = kFewRows;
+constexpr int64_t kTransposedForwardRows32 = kCpuDotRows;  // float32, float64 forward
+
 // ---- path policy (policy.h) --------------------------------------------------------------
 // Calls are put in buckets by weight size n·m and by rows of x, each by upper bounds (the last
 // bucket takes everything above the last bound); each (device, op, dtype, size bucket, rows

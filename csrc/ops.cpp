@@ -64,6 +64,10 @@ PyObject* PyInit__C(void) {
   // Thresholds of the kernel paths, for `info` and the path policy (one source: constants.h).
   PyModule_AddIntConstant(module, "few_rows", long(torchmatgrad::kFewRows));
   PyModule_AddIntConstant(module, "cpu_dot_rows", long(torchmatgrad::kCpuDotRows));
+  PyModule_AddIntConstant(module, "transposed_kernel_rows",
+                          long(torchmatgrad::kTransposedKernelRows));
+  PyModule_AddIntConstant(module, "transposed_forward_rows32",
+                          long(torchmatgrad::kTransposedForwardRows32));
   if (!add_int_tuple(module, "path_size_edges", torchmatgrad::kPathSizeEdges) ||
       !add_int_tuple(module, "path_row_edges", torchmatgrad::kPathRowEdges)) {
     Py_DECREF(module);

@@ -21,16 +21,6 @@ inline bool transposed_weight(const at::Tensor& w) {
          w.stride(1) == w.size(0);
 }
 
-// Rows up to which a transposed weight's forward and backward run on the CPU kernels, which read
-// it in place (cpu/linear_cpu.cpp, "a weight stored transposed"): the memory-bound few rows,
-// where they match or beat ATen's mm on the same layout. A float32/float64 forward of 5-16 rows
-// is slower on the kernels (few-rows sums over W's columns) than on mm; 16-bit (no AMX) faster.
-// Xeon (Emerald Rapids, AMX masked), 1 thread, GPT-2 small's 768 → 3072, ms, kernel / mm:
-// float32 forward 1 row 0.39 / 0.41, 4 rows 0.42 / 0.44, 16 rows 1.05 / 0.76; forward +
-// backward 16 rows 2.52 / 2.81; bfloat16 forward 16 rows 1.06 / 1.29.
-constexpr int64_t kTransposedKernelRows = 16;
-constexpr int64_t kTransposedForwardRows32 = 4;  // float32, float64 forward
-
 // Whether the policy sends this call (rows of input against weight) to the vendor route. A
 // transposed weight goes there (ATen's mm reads it in place) unless a path is forced, but for
 // the CPU forward and backward of few rows (above).

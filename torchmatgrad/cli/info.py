@@ -249,6 +249,13 @@ def info_text() -> str:
             lines.append(f"  {p.name:<13} {cond:<8} forward:  {p.forward}")
             lines.append(f"  {'':<13} {'':<8} backward: {p.backward}")
             lo = p.max_rows if p.max_rows is not None else lo
+    lines.append(
+        "  a weight stored transposed ([in, out] used as .t(), HF's Conv1D): read in place by "
+        f"the CPU kernels up to {_C.transposed_forward_rows32} rows forward "
+        f"({_C.transposed_kernel_rows} for 16-bit) and {_C.transposed_kernel_rows} backward, "
+        "by the vendor route above them, on CUDA and for fused accumulation (unless a path is "
+        "forced); its gradient comes out in its own layout"
+    )
     return "\n".join(lines)
 
 
