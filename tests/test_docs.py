@@ -64,6 +64,7 @@ class Expect:
 
 EXPECT = {
     "curvature.md": Expect(min_blocks=5, needs=("laplace",), prints="loss"),
+    "per_sample.md": Expect(needs=("opacus",)),
 }
 
 

@@ -7,13 +7,14 @@
 // take raw pointers and row strides, accumulate in at::opmath_type (float for 16-bit types),
 // and never use atomics, so every result is bitwise deterministic run to run.
 //
-// Paths, by the number of rows R of x (kFewRows = 16 in ../ops.h):
+// The kernel paths, by the number of rows R of x (kFewRows = 16 in ../constants.h):
 //   R ≤ 16 (memory-bound): forward reads W once with 16-byte loads (scalar loads when a base
 //     pointer or the row length is not 16-byte aligned); the backward computes
 //     grad_W and grad_input in one pass over W (grad_bias fused), grad_input's per-row-chunk
 //     partial sums reduced by a second small kernel in a fixed order.
 //   R > 16: a tiled shared-memory GEMM on CUDA cores (forward, grad_input, grad_W) and a
-//     column-sum kernel for grad_bias. Everything is hand-written: no cuBLAS routing.
+//     column-sum kernel for grad_bias. Where the path policy (policy.h) measured cuBLAS faster,
+//     the launchers take the vendor route instead (vendor.h), named in `info` and bench rows.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -20,11 +20,11 @@ from .. import _C, _compat, policy
 # ---- the dispatch table --------------------------------------------------------------------
 #
 # The thresholds and the CPU instruction set come from the extension (_C exports them from
-# csrc/ops.h); the prose describing each path is kept in step with csrc/ by hand.
+# csrc/constants.h); the prose describing each path is kept in step with csrc/ by hand.
 
-#: Rows R up to which W is read once per call (kFewRows in csrc/ops.h), CPU and CUDA.
+#: Rows R up to which W is read once per call (kFewRows in csrc/constants.h), CPU and CUDA.
 FEW_ROWS: int = _C.few_rows
-#: Rows R up to which the CPU forward uses dot products over k (kCpuDotRows in csrc/ops.h).
+#: Rows R up to which the CPU forward uses dot products over k (kCpuDotRows in csrc/constants.h).
 CPU_DOT_ROWS: int = _C.cpu_dot_rows
 
 
