@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchmatgrad
-from torchmatgrad import per_sample
+from torchmatgrad import _C, per_sample
 from torchmatgrad.testing import OpLog, assert_close, rand
 
 transformers = pytest.importorskip("transformers")
@@ -156,6 +156,45 @@ def test_conv1d_layer(rows):
     want = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 16, 64])
+def test_conv1d_weight_read_in_place(rows, dtype):
+    """The [in, out] weight is read where it is stored: few rows on the CPU kernels (no ATen
+    product, no copy of W: csrc/vendor.h, use_vendor), many on the vendor route (ATen's mm on
+    the same strides); either way nothing W-sized is copied and the weight's gradient comes out in
+    the stored layout. The profiler lists every ATen op the launchers call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    layer = Conv1D.from_conv1d(HFConv1D(48, 40).to(dtype))  # W [40, 48]
+    x = rand(rows, 40, dtype=dtype, requires_grad=True)
+    g = rand(rows, 48, dtype=dtype)
+    y = layer(x)  # warm-up (first-call setup is not the per-call cost)
+    torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = layer(x)
+        gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    names = {e.key for e in prof.key_averages()}
+    products = names & {"aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"}
+    wide = dtype == torch.float32
+    forward_kernels = rows <= (_C.transposed_forward_rows32 if wide else _C.transposed_kernel_rows)
+    backward_kernels = rows <= _C.transposed_kernel_rows
+    assert bool(products) == (not (forward_kernels and backward_kernels)), sorted(names)
+    weight_copies = [
+        e
+        for e in prof.events()
+        if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+        and any(list(s) in ([40, 48], [48, 40]) for s in e.input_shapes if s)
+    ]
+    assert not weight_copies, [(e.name, e.input_shapes) for e in weight_copies]
+    assert gw.shape == (40, 48) and gw.is_contiguous()
+    x64, w64, b64, g64 = (t.detach().double() for t in (x, layer.weight, layer.bias, g))
+    assert_close(y, torch.addmm(b64, x64, w64), k=41, what="forward")
+    assert_close(gx, g64 @ w64.t(), k=48, what="grad_input")
+    assert_close(gw, x64.t() @ g64, k=rows, what="grad_weight")
+    assert_close(gb, g64.sum(0), k=rows, what="grad_bias")
 
 
 def test_conv1d_non_contiguous_input_gradcheck_and_vmap():

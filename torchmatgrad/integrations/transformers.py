@@ -8,17 +8,11 @@ same Parameter objects (no copy, same storage, same ``state_dict`` keys and shap
 it subclasses transformers' Conv1D, so ``isinstance`` checks in transformers (weight init,
 pruning, PEFT) still see one.
 
-``W.t()`` is a view with strides (1, nf). The vendor route (ATen ``addmm``, taken for many rows)
-reads it as it is. The hand-written CPU kernels (few rows) read W as row-major [out, in]: the
-launchers copy a transposed view once per call (forward and backward), and the gradient they
-return is [out, in], which autograd transposes and AccumulateGrad copies into ``weight.grad``'s
-[in, out] layout. Measured (AMD EPYC, 2 cores, torch 2.14.1, float32, GPT-2 small's c_fc
-768 → 3072), transformers' Conv1D against this one: forward 0.23 against 3.4 ms at 1 row,
-0.81 against 4.3 at 16, 2.3 against 2.1 at 64, 12.3 against 12.3 at 512; forward + backward
-0.86 against 12.6 ms at 1 row, 3.4 against 16.0 at 16, 6.4 against 8.8 at 64, 40.7 against
-41.5 at 512. The same kernels on a contiguous [out, in] weight: 0.11 / 0.27 ms at 1 row. So
-at few rows (generation) a converted Conv1D is slower than transformers' own until the CPU
-launchers read a weight of strides (1, out) directly (and return grad_W in the weight's strides).
+``W.t()`` is a view with strides (1, nf), and it is read where it is stored, no copy per call:
+the CPU kernels take it for few rows (the forward as grad_input's product, the backward as the
+forward's; csrc/cpu/linear_cpu.cpp, "a weight stored transposed"), ATen's mm on the same strides
+(the vendor route) for more rows and on CUDA, as ``python -m torchmatgrad info`` says; the
+gradient comes out in the stored [in, out] layout, so AccumulateGrad keeps it as it is.
 
 This module imports transformers: :mod:`torchmatgrad.integrations` loads it only when
 ``transformers.pytorch_utils`` is already imported.
