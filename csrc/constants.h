@@ -26,6 +26,16 @@ constexpr int64_t kCpuDotRows = 4;
 constexpr int64_t kTransposedKernelRows = kFewRows;
 constexpr int64_t kTransposedForwardRows32 = kCpuDotRows;  // float32, float64 forward
 
+// Rows per sample from which per_sample_grad_norms takes the vendor route (vendor.h,
+// norms_use_vendor: the norms as batched GEMMs, ATen's bmm). CPU: where MKL's bmm measured
+// faster than the hand-written norm kernels (Xeon, Emerald Rapids with AMX masked, 2 threads,
+// float32, B samples × T rows, 768² weight, ms, kernel / bmm: ghost T = 64 6.7 / 6.0 but
+// T = 16 7.8 / 14.0; T = 512 ghost 23.7 / 21.7, direct 19.8 / 16.8; T = 1024 direct 23.9 / 16.8).
+// CUDA: a prediction to be confirmed on a card (issue 28): cuBLAS's tensor-core bmm against
+// the CUDA-core norm kernels, which made the DP step 2.9-3.4x the non-private one on an H100.
+constexpr int64_t kNormsVendorRowsCpu = 512;
+constexpr int64_t kNormsVendorRowsCuda = 16;
+
 // ---- path policy (policy.h) --------------------------------------------------------------
 // Calls are put in buckets by weight size n·m and by rows of x, each by upper bounds (the last
 // bucket takes everything above the last bound); each (device, op, dtype, size bucket, rows

@@ -68,6 +68,9 @@ PyObject* PyInit__C(void) {
                           long(torchmatgrad::kTransposedKernelRows));
   PyModule_AddIntConstant(module, "transposed_forward_rows32",
                           long(torchmatgrad::kTransposedForwardRows32));
+  PyModule_AddIntConstant(module, "norms_vendor_rows_cpu", long(torchmatgrad::kNormsVendorRowsCpu));
+  PyModule_AddIntConstant(module, "norms_vendor_rows_cuda",
+                          long(torchmatgrad::kNormsVendorRowsCuda));
   if (!add_int_tuple(module, "path_size_edges", torchmatgrad::kPathSizeEdges) ||
       !add_int_tuple(module, "path_row_edges", torchmatgrad::kPathRowEdges)) {
     Py_DECREF(module);

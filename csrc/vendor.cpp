@@ -3,10 +3,13 @@
 #include "cpu/block_cache.h"
 
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <torch/version.h>
+
+#include <algorithm>
 
 namespace torchmatgrad {
 
@@ -104,6 +107,37 @@ void clipped_grad_weight_vendor(const at::Tensor& g2d, const at::Tensor& x2d,
   const auto dtype = grad_weight.scalar_type();  // the input's dtype, or float32 (16-bit inputs)
   auto out = grad_weight;  // addmm_ writes through this handle into the caller's buffer
   out.addmm_(a.to(dtype).t(), b.to(dtype));
+}
+
+void per_sample_norms_vendor(const at::Tensor& g2d, const at::Tensor& x2d, int64_t samples,
+                             bool bias, bool ghost, const at::Tensor& out) {
+  const int64_t R = g2d.size(0), n = g2d.size(1), m = x2d.size(1), T = R / samples;
+  const auto g = g2d.to(out.scalar_type()).reshape({samples, T, n});
+  const auto x = x2d.to(out.scalar_type()).reshape({samples, T, m});
+  if (n == 0 || m == 0) {
+    out.zero_();
+  } else {
+    const int64_t per_sample = (ghost ? 2 * T * T : n * m) * int64_t(out.element_size());
+    const int64_t chunk = std::max<int64_t>(1, kNormsVendorBytes / per_sample);
+    for (int64_t i0 = 0; i0 < samples; i0 += chunk) {
+      const int64_t i1 = std::min(samples, i0 + chunk);
+      const auto gc = g.slice(0, i0, i1), xc = x.slice(0, i0, i1);
+      at::Tensor prod;
+      if (ghost) {
+        prod = at::bmm(gc, gc.transpose(1, 2));  // G_i·G_iᵀ [T, T]
+        prod.mul_(at::bmm(xc, xc.transpose(1, 2)));
+      } else {
+        prod = at::bmm(gc.transpose(1, 2), xc);  // G_iᵀ·X_i [n, m]
+        prod.mul_(prod);
+      }
+      auto dst = out.slice(0, i0, i1);
+      at::sum_out(dst, prod, {1, 2});
+    }
+  }
+  if (bias) {
+    const auto s = g.sum(1);  // Σ_t g_t [B, n]
+    out.add_(s.mul(s).sum(1));
+  }
 }
 
 }  // namespace torchmatgrad

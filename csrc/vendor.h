@@ -62,4 +62,21 @@ void clipped_grad_weight_vendor(const at::Tensor& g2d, const at::Tensor& x2d,
                                 const at::Tensor& scale, int64_t rows_per_sample,
                                 const at::Tensor& grad_weight);
 
+// Whether per_sample_grad_norms takes the vendor route: from kNormsVendorRowsCpu /
+// kNormsVendorRowsCuda rows per sample (constants.h), or where a path is forced.
+inline bool norms_use_vendor(c10::DeviceType device, int64_t rows_per_sample) {
+  if (policy::kernel_forced()) return false;
+  if (policy::vendor_forced()) return true;
+  return rows_per_sample >=
+         (device == c10::DeviceType::CUDA ? kNormsVendorRowsCuda : kNormsVendorRowsCpu);
+}
+
+// per_sample_grad_norms' vendor route: out[i] = ‖G_iᵀ·X_i‖²_F (+ ‖Σ_t g_t‖² with bias) for g2d
+// [B·T, n], x2d [B·T, m], as batched GEMMs in out's dtype (the accumulation dtype): ghost
+// ⟨G_i·G_iᵀ, X_i·X_iᵀ⟩ from two bmm, direct ‖G_iᵀ·X_i‖² from one, a chunk of samples at a time
+// so that the batched products hold at most kNormsVendorBytes. No host synchronisation.
+constexpr int64_t kNormsVendorBytes = int64_t(64) << 20;
+void per_sample_norms_vendor(const at::Tensor& g2d, const at::Tensor& x2d, int64_t samples,
+                             bool bias, bool ghost, const at::Tensor& out);
+
 }  // namespace torchmatgrad

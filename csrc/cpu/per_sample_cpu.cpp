@@ -294,6 +294,10 @@ at::Tensor per_sample_grad_norms_cpu(const at::Tensor& grad_output, const at::Te
   if (B == 0) return out;
   if (R == 0) return out.zero_();
   const auto g2d = grad_output.reshape({R, n}), x2d = input.reshape({R, m});
+  if (norms_use_vendor(c10::DeviceType::CPU, T_)) {
+    per_sample_norms_vendor(g2d, x2d, B, bias, how == NormMethod::kGhost, out);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "torchmatgrad_per_sample_grad_norms_cpu", [&] {
                                     using T = typename Storage<scalar_t>::type;

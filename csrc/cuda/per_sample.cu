@@ -386,6 +386,10 @@ at::Tensor per_sample_grad_norms_cuda(const at::Tensor& grad_output, const at::T
   c10::cuda::CUDAGuard device_guard(input.device());
   const auto g2d = grad_output.reshape({R, n}).contiguous();
   const auto x2d = input.reshape({R, m}).contiguous();
+  if (norms_use_vendor(c10::DeviceType::CUDA, T_)) {
+    per_sample_norms_vendor(g2d, x2d, B, bias, how == NormMethod::kGhost, out);
+    return out;
+  }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "torchmatgrad_per_sample_grad_norms_cuda",

@@ -256,6 +256,12 @@ def info_text() -> str:
         "by the vendor route above them, on CUDA and for fused accumulation (unless a path is "
         "forced); its gradient comes out in its own layout"
     )
+    lines.append(
+        "  per-sample norms (per_sample_grad_norms): the hand-written norm kernels below "
+        f"{_C.norms_vendor_rows_cpu} rows per sample on the CPU and {_C.norms_vendor_rows_cuda} "
+        "on CUDA (a prediction there, not yet measured on a card), from there batched GEMMs "
+        "(ATen bmm: the vendor route), unless a path is forced"
+    )
     return "\n".join(lines)
 
 
