@@ -189,3 +189,18 @@ def test_missing_library_is_a_reason(monkeypatch):
             got = [m for m in ms if (m.quantity, m.library) == (q, lib)]
             assert got and all(m.unsupported for m in got), (q, lib)
     assert any("not installed" in m.unsupported for m in ms if m.library == "backpack")
+
+
+def test_cpu_peak_when_two_blocks_die_at_the_end():
+    # Two 4 MiB block-cache gradients still alive when the step returns die together: the last
+    # sweep must count both frees (it once raised KeyError, re-entered through record_function).
+    from torchmatgrad.cli.bench.memory import cpu_peak
+
+    d = 1024
+    l1, l2 = torchmatgrad.nn.Linear(d, d), torchmatgrad.nn.Linear(d, d)
+    x = torch.randn(256, d)
+
+    def step():
+        torch.autograd.grad(l2(torch.relu(l1(x))).square().sum(), [l1.weight, l2.weight])
+
+    assert cpu_peak(step) >= 2 * d * d * 4
