@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib.metadata
 import json
 import math
 import sys
@@ -52,23 +53,18 @@ from .dp import _peak_bytes, _sample_turns
 from .machine import _device_name, _loadavg, machine_info
 from .timing import _error_text, _Peer
 
-QUANTITIES = (
-    "fwd+bwd",
-    "kfac-empirical",
-    "kfac-mc",
-    "kfac-type-2",
-    "diag-ggn-exact",
-    "diag-ggn-mc",
-    "sum-grad-squared",
+QUANTITIES = tuple(
+    "fwd+bwd kfac-empirical kfac-mc kfac-type-2 diag-ggn-exact diag-ggn-mc sum-grad-squared".split()
 )
 LIBRARIES = ("torchmatgrad", "curvlinops", "backpack")
+DISTRIBUTIONS = ("curvlinops-for-pytorch", "backpack-for-pytorch")
 CLASSES = 10
 MLP_IN = 784
 #: (B, T, d, hidden layers) by model; --quick: tiny sizes for a test.
 DEFAULTS = {"mlp": (256, 1, 1024, 2), "seq": (32, 16, 256, 2)}
 QUICK = {"mlp": (8, 1, 16, 1), "seq": (4, 3, 12, 1)}
 #: (rounds, warm-up calls, seconds per method) by device type and preset.
-TIMING = {"full": {"cpu": (5, 1, 3.0), "cuda": (8, 3, 2.0)}, "quick": {"cpu": (1, 0, 0.05)}}
+TIMING = {"full": {"cpu": (10, 1, 3.0), "cuda": (10, 3, 2.0)}, "quick": {"cpu": (1, 0, 0.05)}}
 TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
 #: An MC total (trace of G, sum of a diagonal) from one draw for each of M loss terms is off its
 #: expectation by ~1/√M relative (per-term spread O(1) for CrossEntropy): allow STAT_K/√M.
@@ -127,6 +123,13 @@ def _backpack():
     return backpack, extensions, Permute
 
 
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _curvlinops():
     try:
         import curvlinops
@@ -183,21 +186,14 @@ def _backpack_factors(fields: dict[str, Any]) -> dict[str, torch.Tensor]:
 def methods(model, torch_model, lf, X, y, kind: str) -> list[Method]:
     """Every (quantity, library) this benchmark knows, runnable or with its reason; ``model``
     converted, ``torch_model`` the same weights in torch.nn.Linear layers."""
-    B = X.shape[0]
-    R = y[0].numel()
+    out: list[Method] = []
 
-    def clear(m):
-        return lambda: m.zero_grad(set_to_none=True)
+    def add(q, lib, variant, step, result=None, on=model, clear=None, check="exact"):
+        clear = clear or (lambda: on.zero_grad(set_to_none=True))
+        out.append(Method(q, lib, variant, step, result or (lambda r: r), clear, on, check))
 
-    def fwdbwd(m):
-        return lambda: lf(m(X), y).backward()
-
-    out = [
-        Method("fwd+bwd", "torch", "torchmatgrad.nn.Linear", fwdbwd(model), clear=clear(model)),
-        Method("fwd+bwd", "torch", "torch.nn.Linear", fwdbwd(torch_model)),
-    ]
-    out[-1].clear, out[-1].model = clear(torch_model), torch_model
-    out[0].model = model
+    for m, variant in ((model, "torchmatgrad.nn.Linear"), (torch_model, "torch.nn.Linear")):
+        add("fwd+bwd", "torch", variant, lambda m=m: lf(m(X), y).backward(), on=m, check=None)
 
     def ours_kfac(ft, with_grad=False):
         def step():
@@ -207,29 +203,13 @@ def methods(model, torch_model, lf, X, y, kind: str) -> list[Method]:
 
         return step
 
-    def ours(quantity, variant, step, result=lambda r: r, check="exact"):
-        return Method(quantity, "torchmatgrad", variant, step, result, clear(model), model, check)
-
-    for ft in ("empirical", "mc", "type-2"):
-        q = f"kfac-{ft}"
-        check = "same-draws" if ft == "mc" else "exact"
-        out.append(ours(q, "factors", ours_kfac(ft), lambda r: _ours_factors(r), check))
-        if ft == "empirical":
-            out.append(ours(q, "factors+grad", ours_kfac(ft, True), lambda r: _ours_factors(r)))
-    out += [
-        ours("diag-ggn-exact", "-", lambda: curvature.diag_ggn(model, lf, X, y)),
-        ours(
-            "diag-ggn-mc",
-            "1 sample",
-            lambda: curvature.diag_ggn(model, lf, X, y, mc_samples=1),
-            check="statistical",
-        ),
-        ours("sum-grad-squared", "-", lambda: curvature.gradient_moments(model, lf, X, y)[1]),
-    ]
-
+    factors = lambda r: _ours_factors(r)  # noqa: E731  (looked up at call time: tests patch it)
     cl = _curvlinops()
     for ft in ("empirical", "mc", "type-2"):
-        q = f"kfac-{ft}"
+        q, check = f"kfac-{ft}", "same-draws" if ft == "mc" else "exact"
+        add(q, "torchmatgrad", "factors", ours_kfac(ft), factors, check=check)
+        if ft == "empirical":
+            add(q, "torchmatgrad", "factors+grad", ours_kfac(ft, True), factors)
         if cl is None:
             out.append(Method(q, "curvlinops", "-", unsupported="curvlinops is not installed"))
             continue
@@ -237,59 +217,57 @@ def methods(model, torch_model, lf, X, y, kind: str) -> list[Method]:
         def cl_step(ft=ft):
             op = cl.KFACLinearOperator(
                 model, lf, list(model.parameters()), [(X, y)], check_deterministic=False,
-                fisher_type=ft, kfac_approx="expand", num_data=B,
-                num_per_example_loss_terms=R, separate_weight_and_bias=True,
+                fisher_type=ft, kfac_approx="expand", num_data=X.shape[0],
+                num_per_example_loss_terms=y[0].numel(), separate_weight_and_bias=True,
             )  # fmt: skip
             op.compute_kronecker_factors()
             return op
 
-        check = "same-draws" if ft == "mc" else "exact"
-        out.append(Method(q, "curvlinops", "KFACLinearOperator", cl_step))
-        out[-1].result, out[-1].clear, out[-1].model, out[-1].check = (
-            _curvlinops_factors, clear(model), model, check,
-        )  # fmt: skip
+        add(q, "curvlinops", "KFACLinearOperator", cl_step, _curvlinops_factors, check=check)
+    add("diag-ggn-exact", "torchmatgrad", "-", lambda: curvature.diag_ggn(model, lf, X, y))
+    mc_diag = lambda: curvature.diag_ggn(model, lf, X, y, mc_samples=1)  # noqa: E731
+    add("diag-ggn-mc", "torchmatgrad", "1 sample", mc_diag, check="statistical")
+    moments = lambda: curvature.gradient_moments(model, lf, X, y)[1]  # noqa: E731
+    add("sum-grad-squared", "torchmatgrad", "-", moments)
 
     bp = _backpack()
-    if bp is not None:
+    if bp is None:
+        for q in QUANTITIES[1:]:
+            out.append(
+                Method(q, "backpack", "-", unsupported="backpack-for-pytorch is not installed")
+            )
+    else:
         backpack, E, _ = bp
         bp_model = backpack.extend(copy.deepcopy(model))
         bp_lf = backpack.extend(copy.deepcopy(lf))
+        for q, ext, check in (
+            ("kfac-mc", E.KFAC, "statistical"),
+            ("kfac-type-2", E.KFLR, "exact"),
+            ("diag-ggn-exact", E.DiagGGNExact, "exact"),
+            ("diag-ggn-mc", E.DiagGGNMC, "statistical"),
+            ("sum-grad-squared", E.SumGradSquared, "exact"),
+        ):
+            field = ext().savefield
 
-    def bp_method(quantity, variant, ext, savefield, result=lambda r: r, check="exact", seed=0):
-        def step():
-            torch.manual_seed(seed)  # BackPACK's MC extensions draw from torch's generator
-            with backpack.backpack(ext()):
-                bp_lf(bp_model(X), y).backward()
-            return {n: getattr(p, savefield) for n, p in bp_model.named_parameters()}
+            def step(ext=ext, field=field):
+                torch.manual_seed(0)  # BackPACK's MC extensions draw from torch's generator
+                with backpack.backpack(ext()):
+                    bp_lf(bp_model(X), y).backward()
+                return {n: getattr(p, field) for n, p in bp_model.named_parameters()}
 
-        def clear_bp():
-            for p in bp_model.parameters():
-                p.grad = None
-                if hasattr(p, savefield):
-                    delattr(p, savefield)
+            def clear(field=field):
+                for p in bp_model.parameters():
+                    p.grad = None
+                    if hasattr(p, field):
+                        delattr(p, field)
 
-        return Method(quantity, "backpack", variant, step, result, clear_bp, bp_model, check)
-
-    if bp is None:
-        out += [
-            Method(q, "backpack", "-", unsupported="backpack-for-pytorch is not installed")
-            for q in QUANTITIES[1:]
-        ]
-    else:
-        kfac_result = lambda r: _backpack_factors(r)  # noqa: E731  (looked up at call time)
-        out += [
-            bp_method("kfac-mc", "KFAC", E.KFAC, "kfac", kfac_result, "statistical"),
-            bp_method("kfac-type-2", "KFLR", E.KFLR, "kflr", kfac_result),
-            bp_method("diag-ggn-exact", "DiagGGNExact", E.DiagGGNExact, "diag_ggn_exact"),
-            bp_method("diag-ggn-mc", "DiagGGNMC", E.DiagGGNMC, "diag_ggn_mc", check="statistical"),
-            bp_method("sum-grad-squared", "SumGradSquared", E.SumGradSquared, "sum_grad_squared"),
-        ]
+            result = _backpack_factors if q.startswith("kfac") else None
+            add(q, "backpack", ext.__name__, step, result, bp_model, clear, check)
     for (q, lib), why in UNSUPPORTED.items():
         if lib != "backpack" or bp is not None:
             out.append(Method(q, lib, "-", unsupported=why))
-    order = {q: i for i, q in enumerate(QUANTITIES)}
-    lib_order = {lib: i for i, lib in enumerate(("torch", *LIBRARIES))}
-    return sorted(out, key=lambda m: (order[m.quantity], lib_order[m.library]))
+    rank = {k: i for i, k in enumerate((*QUANTITIES, "torch", *LIBRARIES))}
+    return sorted(out, key=lambda m: (rank[m.quantity], rank[m.library]))
 
 
 # ---- agreement ------------------------------------------------------------------------------
@@ -297,16 +275,13 @@ def methods(model, torch_model, lf, X, y, kind: str) -> list[Method]:
 
 def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """max over tensors of max |a − b| / max |b|; inf when the keys or shapes differ."""
-    if a.keys() != b.keys():
+    if a.keys() != b.keys() or any(a[k].shape != v.shape for k, v in b.items()):
         return math.inf
-    worst = 0.0
-    for k, ref in b.items():
-        got = a[k]
-        if got.shape != ref.shape:
-            return math.inf
-        scale = ref.double().abs().max().item() or 1.0
-        worst = max(worst, (got.double() - ref.double()).abs().max().item() / scale)
-    return worst
+    b = {k: v.double() for k, v in b.items()}
+    diffs = [
+        (a[k].double() - v).abs().max() / v.abs().max().clamp_min(1e-300) for k, v in b.items()
+    ]
+    return max((d.item() for d in diffs), default=0.0)
 
 
 def stat_diff(mc: dict[str, torch.Tensor], exact: dict[str, torch.Tensor], tol, stat_tol):
@@ -348,11 +323,8 @@ def agreement(rows: list[dict[str, Any]], results: dict[int, dict], tol, stat_to
             if not refs:
                 continue
             d = stat_diff(results[i], results[refs[0]], tol, stat_tol)
-            rows[i].update(
-                compared_with=[f"{rows[refs[0]]['library']} {EXPECTATION[q]}"],
-                rel_diff=d,
-                agrees=d <= 1.0,
-            )
+            ref = f"{rows[refs[0]]['library']} {EXPECTATION[q]}"
+            rows[i].update(compared_with=[ref], rel_diff=d, agrees=d <= 1.0)
 
 
 # ---- one point ------------------------------------------------------------------------------
@@ -386,10 +358,10 @@ def run_point(kind, B, T, d, layers, device, rounds, warmup, max_time, seed):
                 m.clear()
                 m.step()
         except Exception as e:  # a library that cannot run this model: say why
-            if m.library == "backpack" and kind == "seq" and m.quantity.startswith("kfac"):
-                rows[i]["unsupported"] = f"{SEQ_KFAC_BACKPACK}: {_error_text(e)}"
-            else:
-                rows[i]["error"] = _error_text(e)
+            known = m.library == "backpack" and kind == "seq" and m.quantity.startswith("kfac")
+            rows[i]["unsupported" if known else "error"] = (
+                f"{SEQ_KFAC_BACKPACK}: {_error_text(e)}" if known else _error_text(e)
+            )
             continue
         peers[i] = _Peer(str(i), "-", "-", lambda k, c=m.clear: c(), lambda k, s=m.step: s())
     agreement(rows, results, TOL[X.dtype], STAT_K / math.sqrt(y.numel()))
@@ -413,10 +385,7 @@ def run_point(kind, B, T, d, layers, device, rounds, warmup, max_time, seed):
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
     base = rows[0]  # fwd+bwd of the converted model (methods() puts it first)
-    ours = {}
-    for r in rows:
-        if r["library"] == "torchmatgrad" and r["quantity"] not in ours:
-            ours[r["quantity"]] = r
+    ours = {r["quantity"]: r for r in reversed(rows) if r["library"] == "torchmatgrad"}
     for r in rows:
         if r["median_ms"] is None:
             continue
@@ -460,13 +429,6 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 def main(args) -> int:
     """Run the curvature benchmark for ``args`` (the bench command's options: --device, --B,
     --T, --d, --blocks, --reps, --warmup, --max-time, --quick, --out, --name, --seed)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        return _main(args)
-
-
-def _main(args) -> int:
     device = torch.device((args.device or ["cpu"])[0])
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: CUDA requested but torch.cuda.is_available() is False", file=sys.stderr)
@@ -485,24 +447,24 @@ def _main(args) -> int:
         f"{'present' if _backpack() else 'absent'}"
     )
     rows: list[dict[str, Any]] = []
-    for kind, (B0, T0, d0, layers0) in sizes.items():
-        layers = args.blocks or layers0
-        d = args.d or d0
-        for B in args.B or [B0]:
-            for T in (args.T or [T0]) if kind == "seq" else [1]:
-                point = run_point(
-                    kind, B, T, d, layers, device, rounds, warmup, max_time, args.seed
-                )
-                print(format_rows(point), flush=True)
-                rows += point
+    points = [
+        (kind, B, T, args.d or d0, args.blocks or layers0)
+        for kind, (B0, T0, d0, layers0) in sizes.items()
+        for B in args.B or [B0]
+        for T in ((args.T or [T0]) if kind == "seq" else [1])
+    ]
+    for kind, B, T, d, layers in points:
+        with warnings.catch_warnings():  # BackPACK's hooks on the first layer; torch.jit's
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            pt = run_point(kind, B, T, d, layers, device, rounds, warmup, max_time, args.seed)
+        print(format_rows(pt), flush=True)
+        rows += pt
     elapsed = time.perf_counter() - t0
     meta["loadavg_end"] = _loadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or datetime.datetime.now().strftime("curvature-%Y%m%d-%H%M%S")
-    versions = {}
-    for lib, mod in (("curvlinops", _curvlinops()), ("backpack", (_backpack() or [None])[0])):
-        versions[lib] = getattr(mod, "__version__", "present") if mod else None
     doc = {
         "schema": "torchmatgrad-bench-curvature/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -518,7 +480,7 @@ def _main(args) -> int:
             "stat_tol": "STAT_K / sqrt(B·T)",
             "stat_k": STAT_K,
             "path": torchmatgrad.policy.current_path(),
-            "libraries": versions,
+            "libraries": {d: _version(d) for d in DISTRIBUTIONS},
         },
         "notes": "median of single calls in rounds per method; peak: bytes held during one "
         "call, parameters and inputs included; time_vs_fwdbwd / peak_vs_fwdbwd: over the "
