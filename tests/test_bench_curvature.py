@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 KEYS = {
     "device", "model", "B", "T", "d", "layers", "quantity", "library", "variant", "check",
-    "median_ms", "steps_timed", "peak_mb", "time_vs_fwdbwd", "peak_vs_fwdbwd",
+    "median_ms", "min_ms", "steps_timed", "peak_mb", "time_vs_fwdbwd", "peak_vs_fwdbwd",
     "time_vs_torchmatgrad", "agrees", "rel_diff", "compared_with", "unsupported", "error",
 }  # fmt: skip
 
