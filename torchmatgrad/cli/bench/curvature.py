@@ -3,7 +3,7 @@ and BackPACK on the same model, data and weights, time and peak memory per metho
 a ratio to a plain forward + backward of the same model in the same run.
 
 Models (float32, CrossEntropyLoss "mean", CLASSES classes, every linear layer converted with
-``convert_linear``; each library gets its own copy, BackPACK's ``extend``-ed):
+``convert_linear``; torchmatgrad and curvlinops share it, BackPACK gets an ``extend``-ed copy):
 
 * ``mlp``: 784 → d → … → d → CLASSES (``--blocks`` hidden layers, ReLU), inputs [B, 784];
 * ``seq``: d → … → d → CLASSES applied per position, inputs [B, T, d], one label per position
@@ -12,9 +12,10 @@ Models (float32, CrossEntropyLoss "mean", CLASSES classes, every linear layer co
 
 Quantities: K-FAC factors (empirical, mc with one sample, type-2; weight and bias separate as
 curvlinops and BackPACK have them; torchmatgrad's empirical also as the training step
-"factors+grad", ``.grad`` filled by the same backward), the diagonal GGN (exact and MC) and the
-sum of squared per-sample gradients (the empirical Fisher's diagonal). A library that has no
-such method, or cannot run it on this model, gets a row with the reason instead of a time.
+"factors+grad", ``.grad`` filled by the same backward; BackPACK's rows always fill it), the
+diagonal GGN (exact, MC) and the sum of squared per-sample gradients (the empirical Fisher's
+diagonal; torchmatgrad's ``gradient_moments`` also returns the gradient and the variance). A
+library without the method, or that cannot run it here, gets a row with the reason.
 
 Agreement: the first call's result of every method is compared before any timing is reported.
 Exact quantities (and mc K-FAC of torchmatgrad and curvlinops, which draw the same targets from
@@ -325,9 +326,6 @@ def agreement(rows: list[dict[str, Any]], results: dict[int, dict], tol, stat_to
             d = stat_diff(results[i], results[refs[0]], tol, stat_tol)
             ref = f"{rows[refs[0]]['library']} {EXPECTATION[q]}"
             rows[i].update(compared_with=[ref], rel_diff=d, agrees=d <= 1.0)
-
-
-# ---- one point ------------------------------------------------------------------------------
 
 
 def run_point(kind, B, T, d, layers, device, rounds, warmup, max_time, seed):
