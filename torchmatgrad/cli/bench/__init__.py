@@ -11,7 +11,10 @@ For every device, dtype, size n = m (weight n×m) and batch rows B it times thre
 
 ``--case dp`` runs on its own: a DP-SGD step of a GPT-2-shaped stack of linear layers, the
 non-private step against torchmatgrad's one-backward clipping and Opacus's "hooks" and "ghost"
-modes, time and peak memory (see :mod:`.dp`; options --B, --T, --blocks, --d).
+modes, time and peak memory (see :mod:`.dp`; options --B, --T, --blocks, --d). ``--case
+curvature`` runs on its own too: torchmatgrad.curvature against curvlinops and BackPACK (K-FAC,
+diagonal GGN, sum of squared per-sample gradients) on an MLP and a sequence model, time and
+peak memory against a plain forward + backward, results checked to agree (see :mod:`.curvature`).
 
 Peers (same run, same inputs, timings interleaved call by call): torch eager (F.linear and its
 autograd) and torchmatgrad; with ``--compile`` also torch.compile of F.linear and of
@@ -65,6 +68,10 @@ from .timing import DEFAULT_MAX_CALL_TIME, DEFAULT_TIMING, copy_bandwidth
 
 __all__ = ["CASES", "DTYPES", "ROW_KEYS", "build_parser", "floor_bytes", "flops", "main"]
 
+#: The cases that run on their own, with their own options (.dp, .dp_gpt2, .curvature).
+ALONE = ("dp", "dp-gpt2", "curvature")
+DP_WIDTH = 768  # --case dp's default --d
+
 _DTYPE_ALIASES = {
     "float32": "fp32",
     "float": "fp32",
@@ -117,13 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--case",
         nargs="+",
-        choices=(*CASES, "dp", "dp-gpt2"),
-        help="default: all but dp; dp (the DP-SGD step, see .dp) and dp-gpt2 (the same for a "
-        "Hugging Face GPT-2, .dp_gpt2) run alone",
+        choices=(*CASES, *ALONE),
+        help="default: all but dp; dp (the DP-SGD step, see .dp), dp-gpt2 (the same for a "
+        "Hugging Face GPT-2, .dp_gpt2) and curvature (K-FAC and diagonals against curvlinops "
+        "and BackPACK, .curvature) run alone",
     )
-    p.add_argument("--T", nargs="+", type=int, help="dp: tokens per sample (default CPU 16 64)")
-    p.add_argument("--blocks", type=int, help="dp: transformer blocks (default CPU 4, CUDA 12)")
-    p.add_argument("--d", type=int, default=768, help="dp: model width (default 768)")
+    p.add_argument(
+        "--T",
+        nargs="+",
+        type=int,
+        help="dp: tokens per sample (default CPU 16 64); curvature: sequence length (16)",
+    )
+    p.add_argument(
+        "--blocks",
+        type=int,
+        help="dp: transformer blocks (default CPU 4, CUDA 12); curvature: hidden layers (2)",
+    )
+    p.add_argument(
+        "--d",
+        type=int,
+        help="dp: model width (default 768); curvature: hidden width (MLP 1024, sequence 256)",
+    )
     p.add_argument("--quick", action="store_true", help="small grid, few reps (< 1 min on CPU)")
     p.add_argument("--compile", action="store_true", help="add torch.compile peers")
     p.add_argument(
@@ -189,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     ``-<device>.png``. Returns 0, or 2 on a bad request (e.g. CUDA asked for but absent)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.case and {"dp", "dp-gpt2"} & set(args.case):
+    if args.case and set(ALONE) & set(args.case):
         if len(args.case) > 1:
-            parser.error("--case dp runs on its own")
+            parser.error(f"--case {' / '.join(ALONE)} runs on its own")
         if args.threads:
             torch.set_num_threads(args.threads)
-        from .dp import main as dp_main
+        if args.case == ["curvature"]:
+            from .curvature import main as alone_main
+        else:
+            from .dp import main as alone_main
 
-        return dp_main(args)
+            args.d = args.d or DP_WIDTH
+        return alone_main(args)
     try:
         devices = _devices(args.device)
     except (ValueError, RuntimeError) as e:

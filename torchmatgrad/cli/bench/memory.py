@@ -33,9 +33,10 @@ class _BlockTally(_compat.dispatch_mode_base()):
         self.live: dict[int, tuple] = {}
 
     def sweep(self) -> None:
+        # pop, not del: a sweep outside __torch_dispatch__ (cpu_peak's last) re-enters this mode
+        # through record_function's op, and the nested sweep may take the next dead block first.
         for ptr, (ref, n) in list(self.live.items()):
-            if ref.expired():
-                del self.live[ptr]
+            if ref.expired() and self.live.pop(ptr, None) is not None:
                 with torch.profiler.record_function(f"{_MARK} {ptr} {-n}"):
                     pass
 
