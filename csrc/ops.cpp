@@ -117,6 +117,8 @@ TORCH_LIBRARY(torchmatgrad, m) {
       "clipped_grad_accumulate_(Tensor grad_output, Tensor input, Tensor scale, "
       "Tensor(a!)? grad_weight, Tensor(b!)? grad_bias) -> ()");
   m.def("per_sample_grads(Tensor grad_output, Tensor input) -> Tensor");
+  // K-FAC's symmetric products (cpu/linear_cpu.cpp, gram_cpu; CPU only).
+  m.def("gram_(Tensor(a!) out, Tensor input, float alpha=1.0, bool accumulate=False) -> ()");
   m.def("add_gaussian_noise_(Tensor(a!) self, float std, int seed, bool accumulate=True) -> ()");
   m.def("_per_sample_method(int rows_per_sample, int n, int m) -> str",
         [](int64_t rows, int64_t n, int64_t m) -> std::string {

@@ -107,6 +107,24 @@ inline BackwardOperands backward_operands(const at::Tensor& grad_output, const a
   return o;
 }
 
+// gram_(out, input, alpha, accumulate): input [rows, d] (a float dtype, any strides); out [d, d]
+// in the accumulation dtype (float64 for float64 input, else float32), input's device, rows of
+// unit stride (a row stride of at least d: a block of a larger matrix is fine).
+inline void check_gram_args(const at::Tensor& out, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D (rows, d), got shape ", input.sizes());
+  check_float_tensor(input, "input");
+  const int64_t d = input.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == d && out.size(1) == d, "out must have shape [", d,
+              ", ", d, "] (input.size(1) twice), got ", out.sizes());
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(out.scalar_type() == acc, "out must have dtype ", acc, " for ", input.scalar_type(),
+              " input, got ", out.scalar_type());
+  TORCH_CHECK(out.device() == input.device(), "out must be on input's device, got out on ",
+              out.device(), " and input on ", input.device());
+  TORCH_CHECK(d <= 1 || (out.stride(1) == 1 && out.stride(0) >= d),
+              "out's rows must be contiguous (strides (>= d, 1)), got strides ", out.strides());
+}
+
 // Shape of y for an input of shape [..., m]: [..., n].
 inline std::vector<int64_t> output_shape(const at::Tensor& input, int64_t n) {
   auto shape = input.sizes().vec();
