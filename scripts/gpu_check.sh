@@ -46,7 +46,9 @@
 #   big       9 s       the >2^31-element test alone (4 cases, a 4.3 GB bf16 weight each)
 #   dp        74 s      python -m torchmatgrad bench --case dp: the DP-SGD step of a GPT-2-small
 #                       stack (12 blocks, B = 32, T = 128, 512, 1024), non-private vs ours vs
-#                       Opacus hooks/ghost (issue #12); writes dp.json. The device image has no
+#                       Opacus hooks/ghost (issue #12), and per_sample_grad_norms per layer
+#                       kind on the kernel and on the bmm route (dp.json's norm_routes: confirms
+#                       or moves kNormsVendorRowsCuda, issue 28); writes dp.json. The image has no
 #                       Opacus: its wheel in .whl/ (carried) is installed to /tmp/tmg-site first
 #   all       = build+smoke+bench+sweep+tests+compile+sanitize+big+dp (longer than one call)
 #

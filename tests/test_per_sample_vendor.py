@@ -86,3 +86,21 @@ def test_cpu_route_by_rows_per_sample(rows, expect_bmm):
     names = {e.key for e in prof.key_averages()}
     assert ("aten::bmm" in names) == expect_bmm, sorted(names)
     assert_close(got, _ref(g, x, True), k=rows * 8, what="auto route")
+
+
+def test_bench_dp_reports_the_norm_routes(tmp_path):
+    """``bench --case dp`` times per_sample_grad_norms on each layer kind on both routes (the
+    rows that confirm or move the crossover of csrc/constants.h), and the two agree."""
+    import json
+
+    from torchmatgrad.cli import bench
+
+    argv = ["--case", "dp", "--device", "cpu", "--d", "24", "--blocks", "1", "--B", "2"]
+    argv += ["--T", "3", "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--name", "dp"]
+    assert bench.main(argv) == 0
+    routes = json.loads((tmp_path / "dp.json").read_text())["norm_routes"]
+    assert [r["layer"] for r in routes] == ["qkv", "out", "fc", "proj"]
+    for r in routes:
+        assert r["kernel_ms"] > 0 and r["vendor_ms"] > 0 and r["rel_diff"] < 1e-5, r
+        assert r["default"] == ("vendor" if r["T"] >= _C.norms_vendor_rows_cpu else "kernel")
+        assert r["method"] == ops._per_sample_method(r["T"], r["n"], r["m"])

@@ -48,6 +48,7 @@ from torchmatgrad import per_sample
 
 from .machine import _device_name, _loadavg, machine_info
 from .memory import cpu_peak
+from .norm_routes import format_norm_routes, norm_routes
 from .timing import _error_text, _Peer, _sync, _warm
 
 VARIANTS = ("non-private", "torchmatgrad", "opacus-hooks", "opacus-ghost")
@@ -383,6 +384,7 @@ def _main(args) -> int:
     model = "gpt2" if "dp-gpt2" in (args.case or ()) else "stack"
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    routes: list[dict[str, Any]] = []
     meta = machine_info(devices)
     for device in devices:
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -406,6 +408,9 @@ def _main(args) -> int:
                     device, blocks, args.d, B, T, reps, warmup, max_time, args.seed, model
                 )
                 print(format_rows([r for r in rows if r["B"] == B and r["T"] == T]), flush=True)
+                if model == "stack":
+                    routes += norm_routes(device, args.d, B, T, max(3, reps))
+                    print(format_norm_routes(routes[-4:]), flush=True)
     elapsed = time.perf_counter() - t0
     meta["loadavg_end"] = _loadavg()
     out = Path(args.out)
@@ -433,6 +438,7 @@ def _main(args) -> int:
             }
             for r in rows
         ],
+        "norm_routes": routes,
     }
     path = out / f"{stem}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
