@@ -47,31 +47,6 @@ inline int64_t tile_panel_cols(int64_t K) {
   return blocks * kTileCols;
 }
 
-// Ap rows [r0, r1) from A (element (m, k) at A[m·sm + k·sk]); rows ≥ M and columns ≥ K zero.
-inline void tile_pack_a(const bf16_t* A, int64_t sm, int64_t sk, int64_t M, int64_t K, bf16_t* Ap,
-                        int64_t r0, int64_t r1) {
-  const int64_t Kp = tile_kp(K);
-  const int64_t rv = std::min(r1, M);  // valid rows
-  if (sk == 1) {
-    for (int64_t r = r0; r < rv; ++r) {
-      std::memcpy(Ap + r * Kp, A + r * sm, size_t(K) * 2);
-      std::memset(Ap + r * Kp + K, 0, size_t(Kp - K) * 2);
-    }
-  } else {
-    // A transposed (grad_W's Gᵀ: sm = 1): blocks of 32 × 32, so that both sides stay in cache.
-    for (int64_t rb = r0; rb < rv; rb += 32) {
-      const int64_t re = std::min(rv, rb + 32);
-      for (int64_t kb = 0; kb < K; kb += 32) {
-        const int64_t ke = std::min(K, kb + 32);
-        for (int64_t k = kb; k < ke; ++k)
-          for (int64_t r = rb; r < re; ++r) Ap[r * Kp + k] = A[r * sm + k * sk];
-      }
-      for (int64_t r = rb; r < re; ++r) std::memset(Ap + r * Kp + K, 0, size_t(Kp - K) * 2);
-    }
-  }
-  for (int64_t r = std::max(r0, rv); r < r1; ++r) std::memset(Ap + r * Kp, 0, size_t(Kp) * 2);
-}
-
 // The pair of B's elements (k, n), (k + 1, n) as one 32-bit word (zero past K), B [N, K].
 inline uint32_t pair_nk(const bf16_t* B, int64_t ldb, int64_t K, int64_t n, int64_t k) {
   const uint32_t lo = B[n * ldb + k].x;
@@ -107,6 +82,58 @@ inline void transpose_16x16_u32(const __m512i (&r)[16], uint32_t* d) {
   }
 }
 #endif
+
+#if TORCHMATGRAD_VEC_BYTES == 64
+// Ap[r·ldp + k] = A[r + k·sk] for a block of 16 rows r × 32 columns k of a transposed A (rows
+// contiguous): row pairs (2p, 2p + 1) of the source, widened to 32 bits and merged, are the
+// 16 × 16 words (pair p, row r) that transpose_16x16_u32 turns into 16 rows of 32 bf16.
+inline void tile_pack_at_16x32(const bf16_t* A, int64_t sk, bf16_t* Ap, int64_t ldp) {
+  __m512i w[16];
+  for (int p = 0; p < 16; ++p) {
+    const __m512i lo = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + (2 * p) * sk)));
+    const __m512i hi = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + (2 * p + 1) * sk)));
+    w[p] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+  }
+  alignas(64) uint32_t d[16 * 16];
+  transpose_16x16_u32(w, d);
+  for (int r = 0; r < 16; ++r) std::memcpy(Ap + r * ldp, d + r * 16, 64);
+}
+#endif
+
+// Ap rows [r0, r1) from A (element (m, k) at A[m·sm + k·sk]); rows ≥ M and columns ≥ K zero.
+inline void tile_pack_a(const bf16_t* A, int64_t sm, int64_t sk, int64_t M, int64_t K, bf16_t* Ap,
+                        int64_t r0, int64_t r1) {
+  const int64_t Kp = tile_kp(K);
+  const int64_t rv = std::min(r1, M);  // valid rows
+  if (sk == 1) {
+    for (int64_t r = r0; r < rv; ++r) {
+      std::memcpy(Ap + r * Kp, A + r * sm, size_t(K) * 2);
+      std::memset(Ap + r * Kp + K, 0, size_t(Kp - K) * 2);
+    }
+  } else {
+    // A transposed (grad_W's Gᵀ: sm = 1): blocks of 32 × 32, so that both sides stay in cache;
+    // with AVX-512 and sm = 1, whole blocks of 16 rows × 32 columns as one 16 × 16 transpose of
+    // 32-bit pairs (tile_pack_at_16x32), the rest element by element.
+    for (int64_t rb = r0; rb < rv; rb += 32) {
+      const int64_t re = std::min(rv, rb + 32);
+      for (int64_t kb = 0; kb < K; kb += 32) {
+        const int64_t ke = std::min(K, kb + 32);
+        int64_t rs = rb;
+#if TORCHMATGRAD_VEC_BYTES == 64
+        if (sm == 1 && ke - kb == 32)
+          for (; rs + 16 <= re; rs += 16)
+            tile_pack_at_16x32(A + rs + kb * sk, sk, Ap + rs * Kp + kb, Kp);
+#endif
+        for (int64_t k = kb; k < ke; ++k)
+          for (int64_t r = rs; r < re; ++r) Ap[r * Kp + k] = A[r * sm + k * sk];
+      }
+      for (int64_t r = rb; r < re; ++r) std::memset(Ap + r * Kp + K, 0, size_t(Kp - K) * 2);
+    }
+  }
+  for (int64_t r = std::max(r0, rv); r < r1; ++r) std::memset(Ap + r * Kp, 0, size_t(Kp) * 2);
+}
 
 // One packed block of 16 columns n0..n0+15 of B [N, K]: Bp[kp·16 + c] = pair (2kp, n0 + c).
 inline void tile_pack_b_nk(const bf16_t* B, int64_t ldb, int64_t N, int64_t K, int64_t n0,
