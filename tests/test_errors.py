@@ -2,7 +2,7 @@
 
 One table of bad inputs for every op. Each runs through the real op on every device (the C++
 checks of csrc/ops.h) and under FakeTensorMode (the fake kernels, i.e. the Python mirror in
-torchmatgrad/ops.py, what torch.compile traces with), and both must raise the same exception
+torchmatgrad/ops/_checks.py, what torch.compile traces with), and both must raise the same exception
 type with the same message, byte for byte: the fake kernels cannot drift from C++ again.
 """
 
