@@ -331,7 +331,9 @@ def test_native_16bit_cpu_is_its_own_kind(monkeypatch, flag):
     flags = f"fpu sse2 avx2 avx512f {flag}"
     kind = policy.device_kind("cpu")
     assert kind == plain + "-bf16"
-    assert kind not in policy.DEFAULTS
+    # Untuned (a shipped table for this kind, if any, set aside): the generic rule.
+    untuned = {k: v for k, v in policy.DEFAULTS.items() if k != kind}
+    monkeypatch.setattr(policy, "DEFAULTS", untuned)
     monkeypatch.setattr(policy, "_load_cache", lambda device: None)
     policy.load("cpu")
     table = policy.installed()["cpu"]
@@ -379,3 +381,16 @@ def test_import_does_not_initialise_cuda():
     r = run_python("import torch, torchmatgrad; print(torch.cuda.is_initialized())")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+@pytest.mark.usefixtures("restore_policy")
+def test_shipped_native_16bit_table_is_installed(monkeypatch):
+    """A native-16-bit kind with a shipped table (cpu/x86_64-avx512bf16-intel-bf16, measured on an
+    Emerald Rapids whose AMX the hypervisor masks) gets that table, not the generic rule."""
+    kind = "cpu/x86_64-avx512bf16-intel-bf16"
+    table = policy.DEFAULTS[kind]
+    assert table.source.startswith("tune on") and "Emerald Rapids" in table.source
+    monkeypatch.setattr(policy, "device_kind", lambda device="cpu": kind)
+    monkeypatch.setattr(policy, "_load_cache", lambda device: None)
+    policy.load("cpu")
+    assert policy.installed()["cpu"] is table
