@@ -3,6 +3,13 @@ callbacks: the layer's input x in the forward (a forward hook) and its output's 
 backward (a tensor hook on the output: a module full-backward hook breaks when the output feeds
 an in-place activation, pytorch#61519). Nothing is read twice and nothing is stored past the
 backward unless a callback keeps it.
+
+A backward that only feeds the callbacks asks autograd for the gradients of the recorded
+outputs' gradient edges (``torch.autograd.grad(loss, edges)``), not of the weights: the layers'
+grad_W products, which nothing would read, are then not computed, and the first layer's
+backward is not run at all (12.0 against 18.4 ms for one backward of the 784-1024-1024-10 MLP,
+B = 256, 1 thread). The edge is taken in the forward hook, before an in-place activation can
+rebase the output's history, so it is the gradient of the layer's own output.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..nn import Linear
 
@@ -36,24 +44,74 @@ def record(
     layers: list[tuple[str, Linear]],
     on_input: Callable[[str, Linear, Tensor], object],
     on_grad: Callable[[str, Linear, object, Tensor], None] | None,
-) -> Iterator[None]:
+) -> Iterator[list[GradientEdge]]:
     """Within the block, every call of a layer runs ``ctx = on_input(name, layer, x)`` (x
-    detached) and, in each backward through that call, ``on_grad(name, layer, ctx, g)``."""
+    detached) and, in each backward through that call, ``on_grad(name, layer, ctx, g)``.
+    Yields the list of the calls' output gradient edges (filled as the forward runs), the
+    ``inputs`` of a backward that is only for the callbacks (:func:`backward_to`)."""
+    edges: list[GradientEdge] = []
 
     def make(name):
         def hook(module, inputs, output):
             ctx = on_input(name, module, inputs[0].detach())
-            if on_grad is not None and output.requires_grad:
-                output.register_hook(lambda g: on_grad(name, module, ctx, g.detach()))
+            if output.requires_grad:
+                edges.append(get_gradient_edge(output))
+                if on_grad is not None:
+                    output.register_hook(lambda g: on_grad(name, module, ctx, g.detach()))
 
         return hook
 
     handles = [m.register_forward_hook(make(n)) for n, m in layers]
     try:
-        yield
+        yield edges
     finally:
         for h in handles:
             h.remove()
+
+
+def backward_to(
+    edges: list[GradientEdge], outputs: Tensor, grad_outputs: Tensor | None = None, **kwargs
+) -> None:
+    """A backward from ``outputs`` that stops at the recorded layer outputs: it runs the
+    tensor hooks (the callbacks) and computes no weight gradient (module docstring)."""
+    torch.autograd.grad(outputs, edges, grad_outputs=grad_outputs, allow_unused=True, **kwargs)
+
+
+#: The most bytes a call's Γ (the Gram route's accumulator, [B, T, T, n]) may take.
+GRAM_BYTES = 64 << 20
+#: Chunks of per-sample products (per-sample gradients, or the x_t∘x_t' of the Gram route).
+CHUNK_BYTES = 32 << 20
+
+
+def gram_route(g_shape: torch.Size, backwards: int, itemsize: int) -> bool:
+    """Whether Σ_n (∇_n W)² over ``backwards`` backwards of g [B, T, n] takes the Gram route:
+    it costs T²·n·m per sample once, the per-sample route backwards·(T·n·m + n·m)."""
+    B, T, n = g_shape
+    return T == 1 or (T * T <= backwards * (T + 1) and B * T * T * n * itemsize <= GRAM_BYTES)
+
+
+def gram_of_grads(g: Tensor) -> Tensor:
+    """Γ [B, T, T, n] with Γ_n[t, t', i] = g_nti·g_nt'i for g [B, T, n] (g∘g at T = 1)."""
+    if g.shape[1] == 1:
+        return g.square().unsqueeze(1)
+    return torch.einsum("bti,bsi->btsi", g, g)
+
+
+def sum_sq_from_gram(gamma: Tensor, x: Tensor) -> Tensor:
+    """Σ_n Σ_{t,t'} Γ_n[t, t', :]ᵀ·(x_nt∘x_nt') for Γ [B, T, T, n], x [B, T, m] -> [n, m]:
+    Σ_n (∇_n W)² summed over the backwards Γ was accumulated over. One GEMM of B·T²·n·m, the
+    x_t∘x_t' formed in chunks of samples."""
+    B, T, _, n = gamma.shape
+    m = x.shape[-1]
+    if T == 1:
+        return torch.mm(gamma.reshape(B, n).t(), x.reshape(B, m).square())
+    out = gamma.new_zeros(n, m)
+    chunk = max(1, CHUNK_BYTES // max(1, T * T * m * x.element_size()))
+    for i in range(0, B, chunk):
+        xi = x[i : i + chunk]
+        xx = (xi.unsqueeze(2) * xi.unsqueeze(1)).reshape(-1, m)
+        out.addmm_(gamma[i : i + chunk].reshape(-1, n).t(), xx)
+    return out
 
 
 def sum_sq_per_sample(g: Tensor, x: Tensor) -> Tensor:
@@ -70,7 +128,7 @@ def sum_sq_per_sample(g: Tensor, x: Tensor) -> Tensor:
     if T == 1:
         return torch.mm(g[:, 0].square().t(), x[:, 0].square())
     out = torch.zeros(n, m, dtype=g.dtype, device=g.device)
-    chunk = max(1, (32 << 20) // max(1, n * m * g.element_size()))
+    chunk = max(1, CHUNK_BYTES // max(1, n * m * g.element_size()))
     for i in range(0, B, chunk):
         per = torch.ops.torchmatgrad.per_sample_grads(g[i : i + chunk], x[i : i + chunk])
         out += per.square_().sum(0)
