@@ -291,16 +291,23 @@ def test_sum_grad_squared_matches_per_sample_gradients(kind, reduction):
 
 
 @pytest.mark.parametrize(("T", "K"), [(1, 1), (1, 4), (3, 1), (3, 5), (6, 2)])
-def test_gram_route_equals_per_sample_route(T, K):
-    """Σ_k Σ_n (G_nkᵀ·X_n)² over K backwards: Γ accumulated, then one GEMM, against the
-    per-sample gradients squared (and a float64 einsum reference)."""
+@pytest.mark.parametrize("chunk_bytes", [1, None])
+def test_gram_route_equals_per_sample_route(T, K, chunk_bytes, monkeypatch):
+    """Σ_k Σ_n (G_nkᵀ·X_n)² over K backwards: Γ accumulated (stacked g flushed after every
+    backward, or once), then one GEMM, against the per-sample gradients squared (and a float64
+    einsum reference)."""
     from torchmatgrad.curvature import _hooks
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(_hooks, "CHUNK_BYTES", chunk_bytes)
 
     B, n, m = 5, 7, 3
     x = torch.randn(B, T, m, dtype=DT)
     gs = torch.randn(K, B, T, n, dtype=DT)
-    gamma = sum(_hooks.gram_of_grads(g) for g in gs)
-    got = _hooks.sum_sq_from_gram(gamma, x)
+    acc = _hooks.GramSquares(x)
+    for g in gs:
+        acc.add(g, 0.5)
+    got = 2 * acc.result()
     per = sum(_hooks.sum_sq_per_sample(g, x) for g in gs)
     ref = torch.einsum("kbti,btj->kbij", gs, x).square().sum((0, 1))
     assert rel_err(got, ref) < 1e-13

@@ -90,28 +90,63 @@ def gram_route(g_shape: torch.Size, backwards: int, itemsize: int) -> bool:
     return T == 1 or (T * T <= backwards * (T + 1) and B * T * T * n * itemsize <= GRAM_BYTES)
 
 
-def gram_of_grads(g: Tensor) -> Tensor:
-    """Γ [B, T, T, n] with Γ_n[t, t', i] = g_nti·g_nt'i for g [B, T, n] (g∘g at T = 1)."""
-    if g.shape[1] == 1:
-        return g.square().unsqueeze(1)
-    return torch.einsum("bti,bsi->btsi", g, g)
+class GramSquares:
+    """Σ_k Σ_n (G_nkᵀ·X_n)² [n, m] over backwards k, by the Gram route, for one layer call
+    with input x [B, T, m]: :meth:`add` each backward's g [B, T, n], then :meth:`result`.
 
+    T = 1: Σ_k g_k∘g_k [B, n] and one GEMM (·)ᵀ·(x∘x). T > 1: Γ [n, B, T, T] with
+    Γ[i, n] = Σ_k g_nk[:, i]·g_nk[:, i]ᵀ (the k stacked, CHUNK_BYTES of g at a time, into one
+    batched product: per backward Γ would be written once each, 160 times 8 MiB for the
+    benchmark's sequence model), then Σ_{n,t,t'} Γ[:, n, t, t']·(x_nt∘x_nt') as one GEMM of
+    B·T²·n·m, the x_nt∘x_nt' formed in chunks of samples.
+    """
 
-def sum_sq_from_gram(gamma: Tensor, x: Tensor) -> Tensor:
-    """Σ_n Σ_{t,t'} Γ_n[t, t', :]ᵀ·(x_nt∘x_nt') for Γ [B, T, T, n], x [B, T, m] -> [n, m]:
-    Σ_n (∇_n W)² summed over the backwards Γ was accumulated over. One GEMM of B·T²·n·m, the
-    x_t∘x_t' formed in chunks of samples."""
-    B, T, _, n = gamma.shape
-    m = x.shape[-1]
-    if T == 1:
-        return torch.mm(gamma.reshape(B, n).t(), x.reshape(B, m).square())
-    out = gamma.new_zeros(n, m)
-    chunk = max(1, CHUNK_BYTES // max(1, T * T * m * x.element_size()))
-    for i in range(0, B, chunk):
-        xi = x[i : i + chunk]
-        xx = (xi.unsqueeze(2) * xi.unsqueeze(1)).reshape(-1, m)
-        out.addmm_(gamma[i : i + chunk].reshape(-1, n).t(), xx)
-    return out
+    def __init__(self, x: Tensor):
+        self.x = x
+        self.acc: Tensor | None = None
+        self.pending: list[Tensor] = []
+        self.scale = 1.0
+
+    def add(self, g: Tensor, scale: float) -> None:
+        if self.pending and scale != self.scale:
+            self._flush()
+        self.scale = scale
+        if g.shape[1] == 1:
+            sq = g[:, 0].square()
+            self.acc = sq.mul_(scale) if self.acc is None else self.acc.add_(sq, alpha=scale)
+            return
+        self.pending.append(g.permute(2, 0, 1))  # [n, B, T]
+        if len(self.pending) * g.numel() * g.element_size() >= CHUNK_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        G = torch.stack(self.pending, dim=-1)  # [n, B, T, k]
+        self.pending = []
+        n, B, T, _ = G.shape
+        if self.acc is None:
+            self.acc = G.new_zeros(n, B, T, T)
+        G = G.reshape(n * B, T, -1)
+        self.acc.view(n * B, T, T).baddbmm_(G, G.transpose(1, 2), alpha=self.scale)
+
+    def result(self) -> Tensor | None:
+        """[n, m], or None when nothing was added."""
+        self._flush()
+        if self.acc is None:
+            return None
+        x = self.x
+        B, T, m = x.shape
+        if T == 1:
+            return torch.mm(self.acc.t(), x[:, 0].square())
+        n = self.acc.shape[0]
+        out = x.new_zeros(n, m)
+        chunk = max(1, CHUNK_BYTES // max(1, T * T * m * x.element_size()))
+        for i in range(0, B, chunk):
+            xi = x[i : i + chunk]
+            xx = (xi.unsqueeze(2) * xi.unsqueeze(1)).reshape(-1, m)
+            out.addmm_(self.acc[:, i : i + chunk].reshape(n, -1), xx)
+        return out
 
 
 def sum_sq_per_sample(g: Tensor, x: Tensor) -> Tensor:

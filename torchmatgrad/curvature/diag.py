@@ -30,12 +30,11 @@ from torch import Tensor
 
 from . import _loss
 from ._hooks import (
+    GramSquares,
     backward_to,
-    gram_of_grads,
     gram_route,
     linear_layers,
     record,
-    sum_sq_from_gram,
     sum_sq_per_sample,
 )
 from .kfac import DEFAULT_SEED
@@ -48,20 +47,12 @@ def _as_btd(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-class _Call:
-    """One call of a layer: its input x [B, T, m] and, on the Gram route, Γ [B, T, T, n]."""
-
-    def __init__(self, x: Tensor):
-        self.x = x
-        self.gamma: Tensor | None = None
-
-
 class _Squares:
     """Per-layer Σ_n (∇_n)², accumulated over ``backwards`` backwards with weight ``scale``.
 
     Route (per call of a layer, g [B, T, n], x [B, T, m], K = ``backwards``): the Gram route
     sums Γ_n = Σ_k g_nk·g_nkᵀ per output unit over the backwards (B·T²·n each) and ends with one
-    GEMM of B·T²·n·m (:func:`._hooks.sum_sq_from_gram`): at T = 1 that is (Σ_k g²)ᵀ·(x∘x), so K
+    GEMM of B·T²·n·m (:class:`._hooks.GramSquares`): at T = 1 that is (Σ_k g²)ᵀ·(x∘x), so K
     columns of the exact diagonal cost one GEMM, not K. The per-sample route
     (:func:`._hooks.sum_sq_per_sample`) costs K·B·(T·n·m + n·m); the Gram route is taken when
     T² ≤ K·(T + 1) and Γ fits ``_hooks.GRAM_BYTES``.
@@ -71,11 +62,11 @@ class _Squares:
         self.layers = linear_layers(model, params)
         self.backwards = backwards
         self.out: dict[str, Tensor] = {}
-        self.calls: list[tuple[str, _Call]] = []
+        self.calls: list[tuple[str, GramSquares]] = []
         self.scale = 0.0
 
     def on_input(self, name, layer, x):
-        call = _Call(_as_btd(x))
+        call = GramSquares(_as_btd(x))
         self.calls.append((name, call))
         return call
 
@@ -84,8 +75,7 @@ class _Squares:
             return
         g = _as_btd(g)
         if gram_route(g.shape, self.backwards, g.element_size()):
-            gamma = gram_of_grads(g).mul_(self.scale)
-            call.gamma = gamma if call.gamma is None else call.gamma.add_(gamma)
+            call.add(g, self.scale)
         else:
             self._add(f"{name}.weight", sum_sq_per_sample(g, call.x).mul_(self.scale))
         if layer.bias is not None:
@@ -100,9 +90,9 @@ class _Squares:
     def result(self) -> dict[str, Tensor]:
         """The sums, once the backwards have run (the Gram route's GEMMs happen here)."""
         for name, call in self.calls:
-            if call.gamma is not None:
-                self._add(f"{name}.weight", sum_sq_from_gram(call.gamma, call.x))
-                call.gamma = None
+            w = call.result()
+            if w is not None:
+                self._add(f"{name}.weight", w)
         self.calls = []
         order = [f"{n}.{pn}" for n, m in self.layers for pn, _ in m.named_parameters()]
         return {k: self.out[k] for k in order if k in self.out}  # as model.named_parameters()
