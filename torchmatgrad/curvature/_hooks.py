@@ -110,7 +110,9 @@ class GramSquares:
         self.k = 0
         self.scale = 1.0
 
-    def add(self, g: Tensor, scale: float) -> None:
+    def add(self, g: Tensor, scale: float, *, backwards: int = 1) -> None:
+        """Add scale·(g's squares); ``backwards``: how many adds to expect in all (the
+        buffer holds at most that many g)."""
         if self.k and scale != self.scale:
             self._flush()
         self.scale = scale
@@ -120,7 +122,7 @@ class GramSquares:
             self.acc = sq.mul_(scale) if self.acc is None else self.acc.add_(sq, alpha=scale)
             return
         if self.buf is None:
-            slots = max(1, CHUNK_BYTES // (g.numel() * g.element_size()))
+            slots = max(1, min(backwards, CHUNK_BYTES // (g.numel() * g.element_size())))
             self.buf = g.new_empty(slots, B, n, T)
         self.buf[self.k].copy_(g.transpose(1, 2))
         self.k += 1

@@ -75,7 +75,7 @@ class _Squares:
             return
         g = _as_btd(g)
         if gram_route(g.shape, self.backwards, g.element_size()):
-            call.add(g, self.scale)
+            call.add(g, self.scale, backwards=self.backwards)
         else:
             self._add(f"{name}.weight", sum_sq_per_sample(g, call.x).mul_(self.scale))
         if layer.bias is not None:
