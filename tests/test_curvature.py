@@ -268,6 +268,94 @@ def test_gradient_moments_match_per_sample_gradients(kind):
         assert p.shape[0] == N
 
 
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sum_grad_squared_matches_per_sample_gradients(kind, reduction):
+    model, lf, data = make_case(kind, "ce", reduction)
+    X, y = data[0]
+    params = dict(model.named_parameters())
+    share = 1 / y.numel() if reduction == "mean" else 1.0
+
+    def loss_one(p, xi, yi):  # the sample's share of the batch's loss
+        out = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return lf(out, yi.unsqueeze(0)) * (yi.numel() * share if reduction == "mean" else 1)
+
+    per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, X, y)
+    sgs = curvature.sum_grad_squared(model, lf, X, y)
+    assert list(sgs) == list(params)  # keyed and ordered as model.named_parameters()
+    for n, p in per.items():
+        assert rel_err(sgs[n], p.square().sum(0)) < 1e-13
+    assert all(p.grad is None for p in model.parameters())
+    first = [model[0].weight]
+    assert list(curvature.sum_grad_squared(model, lf, X, y, params=first)) == ["0.weight", "0.bias"]
+
+
+@pytest.mark.parametrize(("T", "K"), [(1, 1), (1, 4), (3, 1), (3, 5), (6, 2)])
+@pytest.mark.parametrize("chunk_bytes", [1, None])
+def test_gram_route_equals_per_sample_route(T, K, chunk_bytes, monkeypatch):
+    """Σ_k Σ_n (G_nkᵀ·X_n)² over K backwards: Γ accumulated (stacked g flushed after every
+    backward, or once), then one GEMM, against the per-sample gradients squared (and a float64
+    einsum reference)."""
+    from torchmatgrad.curvature import _hooks
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(_hooks, "CHUNK_BYTES", chunk_bytes)
+
+    B, n, m = 5, 7, 3
+    x = torch.randn(B, T, m, dtype=DT)
+    gs = torch.randn(K, B, T, n, dtype=DT)
+    acc = _hooks.GramSquares(x)
+    for g in gs:
+        acc.add(g, 0.5, backwards=max(1, K - 1))  # a buffer one short: it flushes in between
+    got = 2 * acc.result()
+    per = sum(_hooks.sum_sq_per_sample(g, x) for g in gs)
+    ref = torch.einsum("kbti,btj->kbij", gs, x).square().sum((0, 1))
+    assert rel_err(got, ref) < 1e-13
+    assert rel_err(per, ref) < 1e-13
+
+
+def _linear_backward_masks(fn) -> list[list[bool]]:
+    """The output masks of every torchmatgrad::linear_backward that ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    masks = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().startswith("torchmatgrad::linear_backward"):
+                masks.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return masks
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_curvature_backwards_form_no_weight_gradient(kind):
+    """The backwards that only feed the hooks stop at the layer outputs: no grad_W or grad_b
+    product is dispatched, only grad_input (the second layer's; the first layer's backward is
+    not run), and no .grad is filled."""
+    model, lf, data = make_case(kind, "ce", "mean")
+    X, y = data[0]
+    runs = {
+        "diag exact": lambda: curvature.diag_ggn(model, lf, X, y),
+        "diag mc": lambda: curvature.diag_ggn(model, lf, X, y, mc_samples=2),
+        "sum_grad_squared": lambda: curvature.sum_grad_squared(model, lf, X, y),
+        **{
+            f"kfac {ft}": lambda ft=ft: curvature.kfac(model, lf, (X, y), fisher_type=ft)
+            for ft in ("empirical", "mc", "type-2")
+        },
+    }
+    for what, fn in runs.items():
+        masks = _linear_backward_masks(fn)
+        assert masks, what  # the spy sees the op
+        assert all(mk == [True, False, False] for mk in masks), (what, masks)
+        assert all(p.grad is None for p in model.parameters()), what
+    masks = _linear_backward_masks(lambda: curvature.gradient_moments(model, lf, X, y))
+    assert any(mk[1] for mk in masks)  # the gradient it returns does need grad_W
+
+
 def test_errors_name_the_argument():
     model, lf, _ = make_case("mlp", "ce", "mean")
     with pytest.raises(ValueError, match="fisher_type must be one of"):

@@ -4,7 +4,7 @@ of one layer, and the BackPACK / laplace-torch integrations (docs/curvature.md).
 """
 
 from . import backpack_support
-from .diag import diag_ggn, gradient_moments
+from .diag import diag_ggn, gradient_moments, sum_grad_squared
 from .ekfac import ekfac
 from .kfac import KFAC, kfac
 from .operator import KroneckerBlock, KroneckerOperator
@@ -17,6 +17,7 @@ __all__ = [
     "ekfac",
     "gradient_moments",
     "kfac",
+    "sum_grad_squared",
 ]
 
 backpack_support.register_now_or_on_import()

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _loss
-from ._hooks import linear_layers, record
+from ._hooks import backward_to, linear_layers, record
 from ._products import gram, gram_with_ones
 from .operator import KroneckerBlock, KroneckerOperator
 
@@ -170,7 +170,7 @@ class KFAC:
             self._generator.manual_seed(self.seed)
         B = X.shape[0]
         on_grad = self._on_grad
-        with record(self.layers, self._on_input, on_grad):
+        with record(self.layers, self._on_input, on_grad) as edges:
             output = self.model(X)
             out, yr = _loss.rows(self.loss_func, output, y)
             R = _loss.per_example_terms(self.loss_func, out, B)
@@ -178,28 +178,30 @@ class KFAC:
             c = ((B * R) ** 2 / R if mean else 1.0) / self.mc_samples
             loss = self.loss_func(out, yr)
             try:
-                self._backwards(out, yr, loss, c, accumulate_grad)
+                self._backwards(edges, out, loss, c, accumulate_grad)
             finally:
                 self._g_scale = 0.0
         self.num_data += B
         return loss.detach()
 
-    def _backwards(self, out, yr, loss, c, accumulate_grad) -> None:
-        ws = self._weights()
+    def _backwards(self, edges, out, loss, c, accumulate_grad) -> None:
+        """The factors' backwards stop at the layer outputs (``edges``, no grad_W); only
+        ``accumulate_grad`` runs a full backward (with "empirical", the factors' own)."""
+        self._weights()  # the error when there is nothing to differentiate
         s2 = _loss.grad_scale(self.loss_func, out) ** 2
         if self.fisher_type == "empirical":
             self._g_scale = c * s2
             if accumulate_grad:
                 loss.backward()
             else:
-                torch.autograd.grad(loss, ws)
+                backward_to(edges, loss)
             return
         if self.fisher_type == "mc":
             self._g_scale = c * s2
             for k in range(self.mc_samples):
                 sampled = _loss.sample_targets(self.loss_func, out, self._generator)
                 last = k == self.mc_samples - 1 and not accumulate_grad
-                torch.autograd.grad(self.loss_func(out, sampled), ws, retain_graph=not last)
+                backward_to(edges, self.loss_func(out, sampled), retain_graph=not last)
         else:  # type-2: one backward per column of S
             S = _loss.hessian_sqrt(self.loss_func, out)
             if self.loss_func.reduction == "mean":
@@ -208,7 +210,7 @@ class KFAC:
             C = S.shape[-1]
             for k in range(C):
                 last = k == C - 1 and not accumulate_grad
-                torch.autograd.grad(out, ws, grad_outputs=S[:, :, k], retain_graph=not last)
+                backward_to(edges, out, S[:, :, k], retain_graph=not last)
         if accumulate_grad:
             self._g_scale = 0.0
             loss.backward()

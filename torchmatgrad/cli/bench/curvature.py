@@ -14,8 +14,9 @@ Quantities: K-FAC factors (empirical, mc with one sample, type-2; weight and bia
 curvlinops and BackPACK have them; torchmatgrad's empirical also as the training step
 "factors+grad", ``.grad`` filled by the same backward; BackPACK's rows always fill it), the
 diagonal GGN (exact, MC) and the sum of squared per-sample gradients (the empirical Fisher's
-diagonal; torchmatgrad's ``gradient_moments`` also returns the gradient and the variance). A
-library without the method, or that cannot run it here, gets a row with the reason.
+diagonal: torchmatgrad's ``sum_grad_squared``, which forms no gradient; BackPACK's fills
+``.grad``). A library without the method, or that cannot run it here, gets a row with the
+reason.
 
 Agreement: the first call's result of every method is compared before any timing is reported.
 Exact quantities (and mc K-FAC of torchmatgrad and curvlinops, which draw the same targets from
@@ -228,8 +229,8 @@ def methods(model, torch_model, lf, X, y, kind: str) -> list[Method]:
     add("diag-ggn-exact", "torchmatgrad", "-", lambda: curvature.diag_ggn(model, lf, X, y))
     mc_diag = lambda: curvature.diag_ggn(model, lf, X, y, mc_samples=1)  # noqa: E731
     add("diag-ggn-mc", "torchmatgrad", "1 sample", mc_diag, check="statistical")
-    moments = lambda: curvature.gradient_moments(model, lf, X, y)[1]  # noqa: E731
-    add("sum-grad-squared", "torchmatgrad", "-", moments)
+    sgs = lambda: curvature.sum_grad_squared(model, lf, X, y)  # noqa: E731
+    add("sum-grad-squared", "torchmatgrad", "-", sgs)
 
     bp = _backpack()
     if bp is None:
