@@ -159,7 +159,14 @@ def test_info_reads_the_thresholds_from_the_extension():
         assert info.dispatch_path("cpu", _C.few_rows + 1) == "cpu:tiled"
     assert f"R ≤ {_C.cpu_dot_rows} dot products" in info.DISPATCH["cpu"][0].forward
     assert info.cpu_isa() == _C.cpu_isa in ISAS
-    assert f"kernels use {_C.cpu_isa}" in info.info_text()
+    text = info.info_text()
+    assert f"kernels use {_C.cpu_isa}" in text
+    # The other routes' thresholds, from where they are decided.
+    from torchmatgrad.curvature import _products
+
+    assert f"up to {_C.transposed_forward_rows32} rows forward" in text
+    assert f"below {_C.norms_vendor_rows_cpu} rows per sample on the CPU" in text
+    assert f"d ≥ {_products.KERNEL_MIN_D} and {_products.KERNEL_MIN_ROWS} rows" in text
 
 
 def test_info(capsys):

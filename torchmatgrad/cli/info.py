@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _C, _compat, policy
+from ..curvature import _products
 
 # ---- the dispatch table --------------------------------------------------------------------
 #
@@ -261,6 +262,12 @@ def info_text() -> str:
         f"{_C.norms_vendor_rows_cpu} rows per sample on the CPU and {_C.norms_vendor_rows_cuda} "
         "on CUDA (a prediction there, not yet measured on a card), from there batched GEMMs "
         "(ATen bmm: the vendor route), unless a path is forced"
+    )
+    lines.append(
+        "  K-FAC's Grams XᵀX (torchmatgrad::gram_, CPU): the tiled kernel on the upper "
+        "triangle's tiles for 16-bit rows, and for float32/float64 from "
+        f"d ≥ {_products.KERNEL_MIN_D} and {_products.KERNEL_MIN_ROWS} rows; ATen's mm (the "
+        "vendor route) below that and on CUDA, unless a path is forced"
     )
     return "\n".join(lines)
 

@@ -23,6 +23,9 @@ from .. import policy
 from ._gram_op import gram_
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: float32/float64 Grams take the kernel from this many columns d and rows (module docstring).
+KERNEL_MIN_D = 2048
+KERNEL_MIN_ROWS = 512
 
 
 def _on_kernel(x: Tensor) -> bool:
@@ -33,7 +36,7 @@ def _on_kernel(x: Tensor) -> bool:
     if forced == "kernel" or x.dtype in _LOW_PRECISION:
         return True
     rows, d = x.shape
-    return d >= 2048 and rows >= 512
+    return d >= KERNEL_MIN_D and rows >= KERNEL_MIN_ROWS
 
 
 def gram(x: Tensor, out: Tensor | None = None, *, alpha: float = 1.0) -> Tensor:
