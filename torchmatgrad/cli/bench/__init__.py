@@ -34,15 +34,12 @@ predicted to take over ``--max-call-time`` is skipped; even so the full CPU grid
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.util
-import json
 import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,7 +60,7 @@ from .grid import (
     run_point,
 )
 from .machine import _device_name, _loadavg, machine_info
-from .report import _json_value, format_table, plot, write_csv
+from .report import _json_value, format_table, now_utc, output_stem, plot, write_csv, write_json
 from .timing import DEFAULT_MAX_CALL_TIME, DEFAULT_TIMING, copy_bandwidth
 
 __all__ = ["CASES", "DTYPES", "ROW_KEYS", "build_parser", "floor_bytes", "flops", "main"]
@@ -295,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
     # Again at the end: a drift says the machine's load changed during the run.
     copy_bw_end = {str(d): copy_bandwidth(d, reps=10, max_time=0.5) / 1e9 for d in devices}
-    rows = [{k: _json_value(v) for k, v in r.items()} for r in rows]
+    rows = [{k: _json_value(v) for k, v in r.items()} for r in rows]  # CSV, table and plot too
 
     print(format_table(rows))
     meta["loadavg_end"] = _loadavg()
@@ -304,12 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{d} {bw:.1f} GB/s" for d, bw in copy_bw_end.items())
         + f"; load average {meta['loadavg_end']}"
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or datetime.datetime.now().strftime("bench-%Y%m%d-%H%M%S")
+    out, stem = output_stem(args.out, args.name, "bench")
     doc = {
         "schema": "torchmatgrad-bench/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_utc(),
         "argv": list(sys.argv[1:] if argv is None else argv),
         "elapsed_s": round(elapsed, 2),
         "settings": {
@@ -343,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
-    json_path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_json(doc, json_path)
     write_csv(rows, csv_path)
     written = [json_path, csv_path]
     if not args.no_plot:

@@ -34,16 +34,13 @@ included; on CPU the profiler's allocations plus torchmatgrad's block cache).
 from __future__ import annotations
 
 import copy
-import datetime
 import importlib.metadata
-import json
 import math
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +50,7 @@ from torchmatgrad import curvature
 
 from .dp import _peak_bytes, _sample_turns
 from .machine import _device_name, _loadavg, machine_info
+from .report import now_utc, output_stem, write_json
 from .timing import _error_text, _Peer
 
 QUANTITIES = tuple(
@@ -463,12 +461,10 @@ def main(args) -> int:
         rows += pt
     elapsed = time.perf_counter() - t0
     meta["loadavg_end"] = _loadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or datetime.datetime.now().strftime("curvature-%Y%m%d-%H%M%S")
+    out, stem = output_stem(args.out, args.name, "curvature")
     doc = {
         "schema": "torchmatgrad-bench-curvature/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_utc(),
         "elapsed_s": round(elapsed, 2),
         "settings": {
             "preset": preset,
@@ -488,12 +484,8 @@ def main(args) -> int:
         "converted model's plain forward + backward; time_vs_torchmatgrad: over torchmatgrad's "
         "row of the quantity, only where both agree; agrees: see the module docstring",
         "machine": meta,
-        "rows": [
-            {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
-            for r in rows
-        ],
+        "rows": rows,
     }
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    path = write_json(doc, out / f"{stem}.json")
     print(f"{len(rows)} rows in {elapsed:.1f} s; wrote {path}")
     return 0

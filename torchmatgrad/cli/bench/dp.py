@@ -30,14 +30,10 @@ installed; a variant that fails (Opacus's hooks mode on GPT-2) is reported with 
 from __future__ import annotations
 
 import copy
-import datetime
 import itertools
-import json
-import math
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +45,7 @@ from torchmatgrad import per_sample
 from .machine import _device_name, _loadavg, machine_info
 from .memory import cpu_peak
 from .norm_routes import format_norm_routes, norm_routes
+from .report import now_utc, output_stem, write_json
 from .timing import _error_text, _Peer, _sync, _warm
 
 VARIANTS = ("non-private", "torchmatgrad", "opacus-hooks", "opacus-ghost")
@@ -413,12 +410,10 @@ def _main(args) -> int:
                     print(format_norm_routes(routes[-4:]), flush=True)
     elapsed = time.perf_counter() - t0
     meta["loadavg_end"] = _loadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or datetime.datetime.now().strftime("dp-%Y%m%d-%H%M%S")
+    out, stem = output_stem(args.out, args.name, "dp")
     doc = {
         "schema": "torchmatgrad-bench-dp/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_utc(),
         "elapsed_s": round(elapsed, 2),
         "settings": {
             "max_norm": MAX_NORM,
@@ -431,16 +426,9 @@ def _main(args) -> int:
         "events; CUDA: max_memory_allocated less what the device held before the step); Δgrad: "
         "max |grad - torchmatgrad's| / max |grad| with noise 0",
         "machine": meta,
-        "rows": [
-            {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in r.items()
-            }
-            for r in rows
-        ],
+        "rows": rows,
         "norm_routes": routes,
     }
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    path = write_json(doc, out / f"{stem}.json")
     print(f"{len(rows)} rows in {elapsed:.1f} s; wrote {path}")
     return 0

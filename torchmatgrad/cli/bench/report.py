@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import datetime
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,25 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def output_stem(out: str | Path, name: str | None, prefix: str) -> tuple[Path, str]:
+    """The results folder (created) and the file stem: ``name``, else ``<prefix>-<local time>``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, name or datetime.datetime.now().strftime(f"{prefix}-%Y%m%d-%H%M%S")
+
+
+def now_utc() -> str:
+    """The ``created`` stamp of a results document."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(doc: dict[str, Any], path: Path) -> Path:
+    """``doc`` as strict JSON (its rows' non-finite floats as None) at ``path``."""
+    doc = {**doc, "rows": [{k: _json_value(v) for k, v in r.items()} for r in doc["rows"]]}
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
 
 
 def _fmt(v: Any, spec: str) -> str:
