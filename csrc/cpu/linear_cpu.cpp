@@ -258,7 +258,7 @@ void few_rows_backward(const at::Tensor& g2d, const at::Tensor& x2d, const at::T
   const int64_t R = g2d.size(0), n = w.size(0), m = w.size(1);
   auto acc_opts = g2d.options().dtype(acc_dtype(g2d.scalar_type()));
   auto g = g2d.to(acc_opts).contiguous();
-  auto x = x2d.to(acc_opts).contiguous();
+  auto x = gw.defined() ? x2d.to(acc_opts).contiguous() : at::Tensor();  // only grad_W reads X
   const int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n * m) / kMinWeightPerThread));
   const int64_t lb = cpu::table().lanes_block;
@@ -388,8 +388,9 @@ void forward_transposed(const at::Tensor& x2d, const at::Tensor& wt, const at::T
     }
   }
   if (R <= kFewRows) {
-    // grad_input's few-rows kernel, one pass over Wt; the bias added after it.
-    few_rows_backward<T, T>(x2d, x2d, wt, y, at::Tensor(), GradStore::kStore);
+    // grad_input's few-rows kernel (no grad_W: its X is not read), one pass over Wt; the bias
+    // added after it.
+    few_rows_backward<T, T>(x2d, at::Tensor(), wt, y, at::Tensor(), GradStore::kStore);
     if (b.defined()) y.add_(b);
     return;
   }
