@@ -129,6 +129,8 @@ TORCH_LIBRARY(torchmatgrad, m) {
   m.def("_cpu_cached_bytes() -> int", &torchmatgrad::cpu::cached_bytes);
   m.def("_cpu_empty_cache() -> ()", &torchmatgrad::cpu::empty_cache);
   m.def("_cpu_cache_fork_selftest() -> bool", &torchmatgrad::cpu::fork_selftest);
+  // The CPU units whose kernel tables were built (only units this CPU has: tests/test_isa.py).
+  m.def("_cpu_units_opened() -> str", &torchmatgrad::cpu::units_opened_text);
   m.def("_cpu_empty_reused(int[] size, ScalarType dtype) -> Tensor",
         [](std::vector<int64_t> size, c10::ScalarType dtype) {
           return torchmatgrad::cpu::empty_reused(size, at::TensorOptions().dtype(dtype));

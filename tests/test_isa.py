@@ -101,6 +101,44 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# The /proc/cpuinfo flags each unit's code needs (csrc/cpu/isa.cpp, cpu_has).
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}
+NEEDS = {
+    "baseline": set(),
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": _AVX512,
+    "avx512bf16": _AVX512 | {"avx512_bf16"},
+    "amx": _AVX512 | {"avx512_bf16", "amx_bf16", "amx_tile"},
+    "amxemu": _AVX512,
+}
+
+
+@pytest.mark.parametrize("isa", ["", *ISAS, *EMULATED])
+def test_only_units_the_cpu_has_are_built(isa):
+    """Building a unit's kernel table runs code compiled for its ISA, so on a CPU without that
+    ISA it is an illegal instruction: on an AVX2-only AMD Zen 3, `import torchmatgrad` died so
+    when the picker built every unit's table to choose one. A process builds the tables of the
+    unit it uses (the AMX and AVX512-BF16 units are built on the avx512 one, whose per-sample
+    kernels they use; by default a wide unit's process also builds avx2's for narrow calls),
+    and no other."""
+    if isa and (why := _usable(isa)) is not None:
+        pytest.skip(f"this CPU cannot run the {isa} kernels: {why}")
+    code = "import torch, torchmatgrad; print(torch.ops.torchmatgrad._cpu_units_opened())"
+    done = _run(["-c", code], isa, 120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    opened = set(done.stdout.split())
+    used = isa or torchmatgrad._C.cpu_isa
+    expected = {used}
+    if used in ("avx512bf16", "amx", "amxemu"):
+        expected.add("avx512")
+    if not isa and used not in ("baseline", "avx2"):
+        expected.add("avx2")
+    assert opened == expected, (opened, expected)
+    flags = _cpu_flags()
+    for unit in opened:
+        assert NEEDS[unit] <= flags, (unit, NEEDS[unit] - flags)
+
+
 def test_unknown_isa_is_a_clear_import_error():
     probe = _run(["-c", "import torchmatgrad"], "sse9", 120)
     assert probe.returncode != 0

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #ifdef __linux__
@@ -34,6 +35,19 @@ struct AmxProbe {
 };
 
 bool cpu_has(const char* isa);
+
+std::mutex units_mutex;
+std::string& units_opened() {  // " isa isa ... ": each unit whose table was built
+  static std::string opened = " ";
+  return opened;
+}
+
+void note_opened(const char* isa) {
+  std::lock_guard<std::mutex> lock(units_mutex);
+  std::string& opened = units_opened();
+  if (opened.find(std::string(" ") + isa + " ") == std::string::npos)
+    opened += isa + std::string(" ");
+}
 
 AmxProbe probe_amx() {
   AmxProbe p;
@@ -89,15 +103,33 @@ const char* wanted_isa() {
   return (wanted == nullptr || *wanted == '\0') ? nullptr : wanted;
 }
 
+// A unit's table is built (its static initializer runs, in code compiled for that ISA) only on
+// a CPU that has the ISA: building the AVX-512 table on an AVX2-only CPU is an illegal
+// instruction at import (gcc vectorises the table's construction with zmm registers). Every
+// unit is opened here, and each opened one is recorded for _cpu_units_opened (tests/test_isa.py).
+template <typename T>
+const T* open_unit(const char* isa, const T* (*get)()) {
+  if (!cpu_has(isa)) return nullptr;
+  const T* t = get();
+  if (t != nullptr) note_opened(isa);
+  return t;
+}
+
 const Table* pick() {
   // Widest first; the emulated tiles only when asked for.
-  const Table* candidates[] = {table_amx(),  table_avx512bf16(), table_avx512(),
-                               table_avx2(), table_baseline(),   table_amxemu()};
+  struct Unit {
+    const char* isa;
+    const Table* (*get)();
+  };
+  const Unit candidates[] = {{"amx", table_amx},           {"avx512bf16", table_avx512bf16},
+                             {"avx512", table_avx512},     {"avx2", table_avx2},
+                             {"baseline", table_baseline}, {"amxemu", table_amxemu}};
   const char* wanted = wanted_isa();
-  for (const Table* t : candidates) {
-    if (t == nullptr || !cpu_has(t->isa)) continue;
-    if (wanted == nullptr ? std::strcmp(t->isa, "amxemu") != 0 : std::strcmp(wanted, t->isa) == 0)
-      return t;
+  for (const Unit& u : candidates) {
+    const bool chosen =
+        wanted == nullptr ? std::strcmp(u.isa, "amxemu") != 0 : std::strcmp(wanted, u.isa) == 0;
+    if (!chosen) continue;
+    if (const Table* t = open_unit(u.isa, u.get)) return t;
   }
   const bool amx = wanted != nullptr && std::strcmp(wanted, "amx") == 0;
   TORCH_CHECK(false, "TORCHMATGRAD_CPU_ISA must name an instruction set this CPU and build ",
@@ -114,11 +146,10 @@ const Table& table() {
 
 const Table& table_narrow() {
   static const Table* narrow = [] {
-    const Table* avx2 = table_avx2();
     const bool wide =
         std::strncmp(table().isa, "avx512", 6) == 0 || std::strcmp(table().isa, "amx") == 0;
-    if (wanted_isa() == nullptr && wide && avx2 != nullptr && cpu_has("avx2")) return avx2;
-    return &table();
+    const Table* avx2 = wanted_isa() == nullptr && wide ? open_unit("avx2", table_avx2) : nullptr;
+    return avx2 != nullptr ? avx2 : &table();
   }();
   return *narrow;
 }
@@ -139,16 +170,29 @@ const char* amx_status() {
 
 const PerSampleTable& per_sample_table() {
   static const PerSampleTable* t = [] {
-    const PerSampleTable* units[] = {per_sample_table_avx512(), per_sample_table_avx2(),
-                                     per_sample_table_baseline()};
     // By prefix: the avx512bf16 variants use the avx512 unit's per-sample kernels, and so do
     // the AMX units (built on them).
+    struct Unit {
+      const char* isa;
+      const PerSampleTable* (*get)();
+    };
+    const Unit units[] = {{"avx512", per_sample_table_avx512},
+                          {"avx2", per_sample_table_avx2},
+                          {"baseline", per_sample_table_baseline}};
     const char* isa = std::strncmp(table().isa, "amx", 3) == 0 ? "avx512" : table().isa;
-    for (const PerSampleTable* u : units)
-      if (u != nullptr && std::strncmp(u->isa, isa, std::strlen(u->isa)) == 0) return u;
+    for (const Unit& u : units)
+      if (std::strncmp(u.isa, isa, std::strlen(u.isa)) == 0)
+        if (const PerSampleTable* t = open_unit(u.isa, u.get)) return t;
     TORCH_CHECK(false, "no per-sample kernels for the instruction set ", table().isa);
   }();
   return *t;
+}
+
+std::string units_opened_text() {
+  table(), table_narrow(), per_sample_table();  // what a process that has run every op opened
+  std::lock_guard<std::mutex> lock(units_mutex);
+  const std::string& s = units_opened();
+  return s.substr(1, s.size() > 1 ? s.size() - 2 : 0);
 }
 
 }  // namespace torchmatgrad::cpu

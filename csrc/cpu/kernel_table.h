@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "../constants.h"
@@ -154,6 +155,9 @@ const Table* table_amxemu();
 // Whether the AMX unit is in use, and if not, why (the CPU, the kernel's grant, or
 // TORCHMATGRAD_CPU_ISA), for `info`.
 const char* amx_status();
+// The units whose tables this process has built, space-separated, after building every table the
+// launchers use (table, table_narrow, per_sample_table): only units the CPU has (isa.cpp).
+std::string units_opened_text();
 
 // The table the launchers use: the widest ISA the running CPU has, or the one named by the
 // environment variable TORCHMATGRAD_CPU_ISA (baseline / avx2 / avx512 / avx512bf16 / amx /
