@@ -13,8 +13,9 @@ For every device, dtype, size n = m (weight n×m) and batch rows B it times thre
 non-private step against torchmatgrad's one-backward clipping and Opacus's "hooks" and "ghost"
 modes, time and peak memory (see :mod:`.dp`; options --B, --T, --blocks, --d). ``--case
 curvature`` runs on its own too: torchmatgrad.curvature against curvlinops and BackPACK (K-FAC,
-diagonal GGN, sum of squared per-sample gradients) on an MLP and a sequence model, time and
-peak memory against a plain forward + backward, results checked to agree (see :mod:`.curvature`).
+diagonal GGN, sum of squared per-sample gradients) on an MLP, a sequence model and a
+transformer-shaped stack (``--model``), time and peak memory against a plain forward + backward,
+results checked to agree (see :mod:`.curvature`).
 
 Peers (same run, same inputs, timings interleaved call by call): torch eager (F.linear and its
 autograd) and torchmatgrad; with ``--compile`` also torch.compile of F.linear and of
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 
 from .. import info
+from .curvature import MODELS as CURVATURE_MODELS
 from .grid import (
     CASES,
     DTYPES,
@@ -127,20 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
         "and BackPACK, .curvature) run alone",
     )
     p.add_argument(
+        "--model",
+        nargs="+",
+        choices=CURVATURE_MODELS,
+        help="curvature: the models (default: all; mlp: 784-d-…-10, seq: per-position MLP, tf: "
+        "transformer-shaped blocks)",
+    )
+    p.add_argument(
         "--T",
         nargs="+",
         type=int,
-        help="dp: tokens per sample (default CPU 16 64); curvature: sequence length (16)",
+        help="dp: tokens per sample (default CPU 16 64); curvature: sequence length (seq 16, tf "
+        "128)",
     )
     p.add_argument(
         "--blocks",
         type=int,
-        help="dp: transformer blocks (default CPU 4, CUDA 12); curvature: hidden layers (2)",
+        help="dp: transformer blocks (default CPU 4, CUDA 12); curvature: hidden layers (2) or tf "
+        "blocks (2)",
     )
     p.add_argument(
         "--d",
         type=int,
-        help="dp: model width (default 768); curvature: hidden width (MLP 1024, sequence 256)",
+        help="dp: model width (default 768); curvature: hidden width (mlp 1024, seq 256, tf 768)",
     )
     p.add_argument("--quick", action="store_true", help="small grid, few reps (< 1 min on CPU)")
     p.add_argument("--compile", action="store_true", help="add torch.compile peers")
