@@ -247,7 +247,7 @@ def test_tf_backpack_rows_say_why(quick):
         (bp,) = [r for r in quick["rows"] if (r["model"], r["quantity"], r["library"]) ==
                  ("tf", q, "backpack")]  # fmt: skip
         assert bp["unsupported"].startswith(curv_bench.TF_BACKPACK), bp
-        assert "NotImplementedError" in bp["unsupported"] and bp["median_ms"] is None
+        assert "Error: " in bp["unsupported"] and bp["median_ms"] is None  # BackPACK's own
         assert bp["error"] is None
     emp = _rows(quick, "tf", "kfac-empirical")["backpack/-"]
     assert "no empirical K-FAC" in emp["unsupported"]
@@ -348,3 +348,23 @@ def test_gram_floor_counts_multiply_adds():
     step = 3 * R * sum(m * n for m, n in shapes) - R * d * 3 * d + 2 * 6 * B * T * T * d
     grams = R * sum(m * m + n * n for m, n in shapes)
     assert curv_bench.gram_floor("tf", B, T, d, 2)[0] == pytest.approx(1 + grams / 2 / step)
+
+
+def test_summary_line_states_target_floor_and_memory():
+    def row(variant, ms, fastest, ratio, mem_ok, q="kfac-empirical", lib="torchmatgrad"):
+        return {"quantity": q, "library": lib, "variant": variant, "median_ms": ms,
+                "min_ms": fastest, "time_vs_fwdbwd": ratio, "mem_ok": mem_ok}  # fmt: skip
+
+    rows = [
+        row("torchmatgrad.nn.Linear", 100.0, 50.0, 1.0, None, "fwd+bwd", "torch"),
+        row("factors+grad", 130.0, 95.0, 1.3, True),
+        row("factors", 160.0, 80.0, 1.6, False),
+    ]
+    text = curv_bench.summary(rows, "mlp", 256, 1, 1024, 2)
+    assert "step (gradient + empirical factors) 1.30× (fastest calls: 1.90×)" in text
+    assert "target ≤ 1.4×: met, below the floor" in text  # 1.3 < the floor 1.50
+    assert "factors alone 1.60× (fastest calls: 1.60×)" in text
+    assert "floor in multiply-adds 1.50× with symmetric Grams, 2.01× with full ones" in text
+    assert "1 of 2 rows within 1.1×" in text and "over: kfac-empirical/factors" in text
+    rows[1]["time_vs_fwdbwd"] = 1.55
+    assert "target ≤ 1.4×: missed), factors" in curv_bench.summary(rows, "mlp", 256, 1, 1024, 2)

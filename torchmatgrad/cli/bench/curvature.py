@@ -591,15 +591,23 @@ def summary(rows: list[dict[str, Any]], kind: str, B: int, T: int, d: int, layer
     """One point's K-FAC line: the step and the factors alone over the plain step, against
     STEP_TARGET and :func:`gram_floor`, and the memory verdicts of torchmatgrad's rows."""
     sym, full = gram_floor(kind, B, T, d, layers)
+    base = rows[0]
     ours = {r["variant"]: r for r in rows
             if r["quantity"] == "kfac-empirical" and r["library"] == "torchmatgrad"}  # fmt: skip
 
     def ratio(variant):
-        v = ours.get(variant, {}).get("time_vs_fwdbwd")
-        return "-" if v is None else f"{v:.2f}×"
+        r = ours.get(variant, {})
+        if r.get("time_vs_fwdbwd") is None:
+            return "-"
+        text = f"{r['time_vs_fwdbwd']:.2f}×"
+        if r.get("min_ms") and base.get("min_ms"):
+            text += f" (fastest calls: {r['min_ms'] / base['min_ms']:.2f}×)"
+        return text
 
     step = ours.get("factors+grad", {}).get("time_vs_fwdbwd")
     met = "-" if step is None else ("met" if step <= STEP_TARGET else "missed")
+    if step is not None and step < sym:
+        met += ", below the floor: the medians are noise"
     mem = [r for r in rows if r["mem_ok"] is not None]
     over = [f"{r['quantity']}/{r['variant']}" for r in mem if not r["mem_ok"]]
     return (
