@@ -234,3 +234,24 @@ def test_fuse_threshold_default(monkeypatch):
     big = torch.nn.Parameter(torch.empty(1024, 1024))
     assert not accumulate.fuses_here(small, "fused") and accumulate.fuses_here(big, "fused")
     assert accumulate.fuses_here(small, "main_grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_vendor_accumulate_is_torchs_composition(dtype):
+    """On the vendor route, accumulating into a 16-bit `.grad` is torch's own mm then add_ (one
+    16-bit rounding of the product, then one of the sum), bit for bit: oneDNN's fused 16-bit
+    addmm_ was slower than that composition (csrc/vendor.cpp). float32 keeps the fused addmm_."""
+    from torchmatgrad import policy
+
+    torch.manual_seed(0)
+    rows, n, m = 67, 45, 83
+    g, x, w = rand(rows, n, dtype=dtype), rand(rows, m, dtype=dtype), rand(n, m, dtype=dtype)
+    gw0 = rand(n, m, dtype=dtype)
+    gw = gw0.clone()
+    with policy.force_path("vendor"):
+        torch.ops.torchmatgrad.linear_backward_accumulate_(g, x, w, gw, [False, False])
+    if dtype == torch.float32:
+        expected = gw0.clone().addmm_(g.t(), x)
+    else:
+        expected = gw0 + torch.mm(g.t(), x)
+    assert torch.equal(gw, expected), (gw - expected).abs().max()
