@@ -12,6 +12,13 @@ namespace torchmatgrad {
 // into one pass over W.
 constexpr int64_t kFewRows = 16;
 
+// Rows of x for which the CUDA forward may run on tensor cores (bfloat16/float16; mma.sync,
+// W read once: cuda/forward_fewrows_tc.cu), and above kFewRows the backward's grad_W
+// (cuda/backward_fewrows_tc.cu), when the switch is on (policy.h, cuda_tensor_cores();
+// TORCHMATGRAD_CUDA_TC=1). Off by default: not yet run on a GPU.
+constexpr int64_t kTcFewRowsMin = kFewRows;
+constexpr int64_t kTcFewRowsMax = 64;
+
 // Rows of x up to which the CPU forward uses dot products over k (each W row streamed once,
 // 2-8 side by side); from kCpuDotRows + 1 rows on, the rows of x go into the vector lanes.
 constexpr int64_t kCpuDotRows = 4;

@@ -71,6 +71,8 @@ PyObject* PyInit__C(void) {
   PyModule_AddIntConstant(module, "norms_vendor_rows_cpu", long(torchmatgrad::kNormsVendorRowsCpu));
   PyModule_AddIntConstant(module, "norms_vendor_rows_cuda",
                           long(torchmatgrad::kNormsVendorRowsCuda));
+  PyModule_AddIntConstant(module, "tc_few_rows_min", long(torchmatgrad::kTcFewRowsMin));
+  PyModule_AddIntConstant(module, "tc_few_rows_max", long(torchmatgrad::kTcFewRowsMax));
   if (!add_int_tuple(module, "path_size_edges", torchmatgrad::kPathSizeEdges) ||
       !add_int_tuple(module, "path_row_edges", torchmatgrad::kPathRowEdges)) {
     Py_DECREF(module);
@@ -85,6 +87,8 @@ PyObject* PyInit__C(void) {
                             long(torchmatgrad::cpu::table().lanes_block));
     PyModule_AddIntConstant(module, "cpu_cache_limit_bytes",
                             long(torchmatgrad::cpu::cache_limit_bytes()));
+    // TORCHMATGRAD_CUDA_TC is read (and checked) here, once.
+    PyModule_AddIntConstant(module, "cuda_tc_env", long(torchmatgrad::policy::cuda_tensor_cores()));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
     Py_DECREF(module);
@@ -141,4 +145,7 @@ TORCH_LIBRARY(torchmatgrad, m) {
   m.def("_set_path_override(int path) -> ()", &torchmatgrad::policy::set_path_override);
   m.def("_path(str device_type, ScalarType dtype, str op, int rows, int n, int m) -> str",
         &torchmatgrad::policy::path_of);
+  // The tensor-core few-rows forward's switch (policy.h, cuda_tensor_cores).
+  m.def("_cuda_tensor_cores() -> bool", &torchmatgrad::policy::cuda_tensor_cores);
+  m.def("_set_cuda_tensor_cores(bool on) -> ()", &torchmatgrad::policy::set_cuda_tensor_cores);
 }

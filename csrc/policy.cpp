@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "constants.h"
 
@@ -46,6 +48,18 @@ Table& table() {
 }
 
 std::atomic<int64_t> g_override{0};
+
+bool tc_from_env() {
+  const char* v = std::getenv("TORCHMATGRAD_CUDA_TC");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "1") == 0, "TORCHMATGRAD_CUDA_TC must be 0 or 1, got '", v, "'");
+  return true;
+}
+
+std::atomic<bool>& tc_flag() {
+  static std::atomic<bool> on{tc_from_env()};
+  return on;
+}
 
 int device_index(c10::DeviceType d) {
   return d == c10::DeviceType::CUDA ? 1 : 0;
@@ -116,6 +130,14 @@ void set_path_override(int64_t path) {
   TORCH_CHECK(path >= 0 && path <= 2, "path must be 0 (auto), 1 (kernel) or 2 (vendor), got ",
               path);
   g_override.store(path, std::memory_order_relaxed);
+}
+
+bool cuda_tensor_cores() {
+  return tc_flag().load(std::memory_order_relaxed);
+}
+
+void set_cuda_tensor_cores(bool on) {
+  tc_flag().store(on, std::memory_order_relaxed);
 }
 
 std::string path_of(const std::string& device_type, at::ScalarType dtype, const std::string& op,

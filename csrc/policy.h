@@ -23,6 +23,15 @@ bool use_vendor(c10::DeviceType device, at::ScalarType dtype, Op op, int64_t row
 bool kernel_forced();
 bool vendor_forced();
 
+// Whether the CUDA kernels may take tensor cores for bfloat16/float16 and kTcFewRowsMin..
+// kTcFewRowsMax rows where the kernel path runs: the forward (cuda/forward_fewrows_tc.cu) and,
+// above kFewRows rows, the backward's grad_W (cuda/backward_fewrows_tc.cu). Off by default:
+// compiled, but not yet run on a GPU. The process starts with
+// TORCHMATGRAD_CUDA_TC ("1" on; unset, "" or "0" off; anything else an error, read once);
+// _set_cuda_tensor_cores changes it.
+bool cuda_tensor_cores();
+void set_cuda_tensor_cores(bool on);
+
 // The control ops (schemas in ops.cpp).
 // _set_path_table(device_type, vendor): vendor is a bool CPU tensor [kNumOps, 4 dtypes
 // (float32, float64, bfloat16, float16), kPathSizeBuckets, kPathRowBuckets], True where the

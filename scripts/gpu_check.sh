@@ -14,6 +14,7 @@
 #     bench.json      bench: every benchmark row (peer, variant, path, times, floors)
 #     summary.txt     bench: the short table and the issue's targets with verdicts
 #     tune-cuda.json  sweep: kernel vs cuBLAS per op, dtype, size and rows, and the path table
+#     tc-bench.json   tc: the tensor-core few-rows forward vs cuBLAS and the CUDA cores
 #     _C.cpython-312-x86_64-linux-gnu.so, build.stamp
 #                     build: the extension (debug info stripped) and its build stamp, to carry
 #                     to a fresh machine instead of building again (see the runbook)
@@ -50,7 +51,15 @@
 #                       kind on the kernel and on the bmm route (dp.json's norm_routes: confirms
 #                       or moves kNormsVendorRowsCuda, issue 28); writes dp.json. The image has no
 #                       Opacus: its wheel in .whl/ (carried) is installed to /tmp/tmg-site first
-#   all       = build+smoke+bench+sweep+tests+compile+sanitize+big+dp (longer than one call)
+#   tc        (not yet run) the tensor-core few-rows forward (issue #28; off by default, never
+#                       run on a GPU before): scripts/gpu_tc_bench.py first (cuBLAS, the CUDA-core
+#                       kernels and the tensor-core kernel in one run, bf16/fp16, n = m = 4096,
+#                       8192, rows 16/32/64: ms, W GB/s, ratios, error against cuBLAS; writes
+#                       tc-bench.json), then its tests (pytest -k tc_ tests/test_cuda.py), and
+#                       with TORCHMATGRAD_CUDA_TC=1 (every bf16/fp16 forward of 16..64 rows on
+#                       it): gpu_smoke, its memcheck and racecheck, test_cuda.py's other CUDA
+#                       tests. Needs the build (no carry)
+#   all       = build+smoke+bench+sweep+tests+compile+sanitize+big+dp+tc (longer than one call)
 #
 # GPU runbook (15 minutes of device time in all, start-up and idle included; one call <= 600 s;
 # a machine goes back 30 s after a call and none starts with under 4 minutes left). What worked
@@ -72,6 +81,11 @@
 #   3. A failure fixed: rerun that one stage at once (within 30 s, on the warm machine, e.g.
 #      "SKIP_BUILD=0 bash scripts/gpu_check.sh build+smoke" or "racecheck") only while
 #      status's budget_left_s allows it; then give_back().
+#   Issue #28's tensor-core few-rows forward, in one call of its own (~6 min predicted: build
+#   ~100 s, bench ~40 s, tests ~60 s, smoke 9 s, memcheck 12 s, racecheck ~70 s, suite ~60 s;
+#   not yet measured):
+#      run(command="GPU_CHECK_COMMIT=<sha> bash scripts/gpu_check.sh build+tc", timeout_s=560)
+#      then read tc-bench.json / the log's table before switching it on by default anywhere.
 #   Record the run in benchmarks/RESULTS.md (date, card, torch, commit, summary.txt's tables).
 #   The targets were set from H200 numbers: on an H100 the byte floors of the memory-bound
 #   targets lie above them (summary.txt flags each); compare ratios to torch there.
@@ -110,8 +124,8 @@ DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 DRY_RUN="${DRY_RUN:-0}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-STAGES=(build smoke bench sweep tests compile sanitize memcheck racecheck initcheck big dp)
-ALL=(build smoke bench sweep tests compile sanitize big dp)
+STAGES=(build smoke bench sweep tests compile sanitize memcheck racecheck initcheck big dp tc)
+ALL=(build smoke bench sweep tests compile sanitize big dp tc)
 SAN_UNSUPPORTED=""
 
 usage() {
@@ -366,6 +380,25 @@ stage_dp() {
   fi
   [ "$DRY_RUN" = 1 ] || dp_opacus >>"$LOG" 2>&1
   step dp 240 "$PY" -m torchmatgrad bench "${args[@]}"
+}
+
+# The tensor-core few-rows forward (csrc/cuda/forward_fewrows_tc.cu, TORCHMATGRAD_CUDA_TC): the
+# numbers first, then its own tests, then the CUDA-core tests with it switched on.
+stage_tc() {
+  local args=(--device "$DEVICE" --out "$RESULTS")
+  [ "${QUICK:-0}" = 1 ] && args+=(--quick)
+  step tc-bench 240 "$PY" -m scripts.gpu_tc_bench "${args[@]}"
+  step tc-tests 240 run_pytest -m cuda -k "tc_" tests/test_cuda.py
+  # gpu_smoke's bf16/fp16 cases of 16 and 40 rows take the kernel with the switch on.
+  TORCHMATGRAD_CUDA_TC=1 WHAT="TORCHMATGRAD_CUDA_TC=1 $PY -m scripts.gpu_smoke --device $DEVICE" \
+    step tc-smoke 180 "$PY" -m scripts.gpu_smoke --device "$DEVICE"
+  local tool
+  for tool in memcheck racecheck; do
+    TORCHMATGRAD_CUDA_TC=1 WHAT="TORCHMATGRAD_CUDA_TC=1 compute-sanitizer --tool $tool --kernel-name kns=torchmatgrad ... $PY -m scripts.gpu_smoke --device cuda --sanitize" \
+      step "tc-$tool" 150 sanitize_tool "$tool"
+  done
+  TORCHMATGRAD_CUDA_TC=1 WHAT="TORCHMATGRAD_CUDA_TC=1 run_pytest -m cuda and not slow -k not tc_ and not compile and not over_2_31 tests/test_cuda.py" \
+    step tc-suite 270 run_pytest -m "cuda and not slow" -k "not tc_ and not compile and not over_2_31" tests/test_cuda.py
 }
 
 stage_memcheck() { run_sanitizer memcheck; }

@@ -148,7 +148,7 @@ def parse_res_usage(text: str) -> list[tuple[str, dict[str, int]]]:
 def _short(name: str) -> str:
     """The kernel's own name and template arguments from a mangled name (enough to tell the
     instantiations apart; c++filt is not always there)."""
-    m = re.search(r"(linear_\w+?kernel_[a-z]+)I(.*?)EEv", name)
+    m = re.search(r"(linear_\w+?kernel_[a-z_]+)I(.*?)EEv", name)
     return f"{m.group(1)}<{m.group(2)}>" if m else name[:100]
 
 

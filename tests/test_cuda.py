@@ -432,3 +432,171 @@ def test_over_2_31_elements(m, rows):
     assert_agrees(gi, ref_gi, g @ w, k=n, what="grad_input")
     del w, gw
     torch.cuda.empty_cache()
+
+
+# ---- the tensor-core few-rows forward (forward_fewrows_tc.cu; off by default) ---------------
+
+TC_DTYPES = [torch.bfloat16, torch.float16]
+TC_IDS = ["bf16", "f16"]
+TC_ROWS = [16, 17, 31, 32, 48, 63, 64]
+TC_KERNEL = "linear_forward_kernel_fewrows_tc"
+
+
+@pytest.fixture
+def tensor_cores():
+    """The tensor-core few-rows forward switched on for one test (the kernel path is forced for
+    the module by hand_written_kernels)."""
+    with policy.cuda_tensor_cores_enabled(True):
+        yield
+
+
+def _cuda_kernels(fn) -> list[str]:
+    """Names of the CUDA kernels that fn() launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _tc_forward_agrees(x, w, b, what: str) -> torch.Tensor:
+    """The forward with the switch on, its output poisoned first, against the float64 reference,
+    the CUDA-core kernels (switch off) and torch in the same dtype; returns it."""
+    rows, n, m = x.numel() // x.shape[-1], w.shape[0], w.shape[1]
+    with policy.cuda_tensor_cores_enabled(False):
+        cores = ops.linear(x, w, b)
+    poison_allocator((rows, n), x.dtype, "cuda")
+    with policy.cuda_tensor_cores_enabled(True):
+        y = ops.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert not y.isnan().any(), f"{what}: an output element was never written"
+    assert_agrees(y, ref, cores, F.linear(x, w, b), k=m, what=what)
+    return y
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=TC_IDS)
+@pytest.mark.parametrize("rows", TC_ROWS)
+# n: one partial n8 tile, a partial 64-row block, several blocks; m: one 32-column group, a
+# partial 128-column chunk (m % 16 == 8), several chunks with a tail.
+@pytest.mark.parametrize("n,m", [(37, 64), (40, 200), (129, 1032)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_tc_forward(dtype, rows, n, m, bias):
+    x, w = rand(rows, m, device="cuda", dtype=dtype), rand(n, m, device="cuda", dtype=dtype)
+    b = rand(n, device="cuda", dtype=dtype) if bias else None
+    _tc_forward_agrees(x, w, b, f"tc forward {rows}x{m} @ {n}x{m}")
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=TC_IDS)
+@pytest.mark.parametrize("rows", [16, 33, 64])
+# Few W rows and long rows: k split over many blocks (partial sums reduced in order).
+@pytest.mark.parametrize("n,m", [(300, 2056), (1000, 4096)], ids=str)
+def test_tc_forward_split_k(dtype, rows, n, m):
+    x, w = rand(rows, m, device="cuda", dtype=dtype), rand(n, m, device="cuda", dtype=dtype)
+    b = rand(n, device="cuda", dtype=dtype)
+    _tc_forward_agrees(x, w, b, "tc forward, split k")
+    names = _cuda_kernels(lambda: ops.linear(x, w, b))
+    assert not any(TC_KERNEL in s for s in names), "switch off: the tc kernel must not run"
+    with policy.cuda_tensor_cores_enabled(True):
+        names = _cuda_kernels(lambda: ops.linear(x, w, b))
+    assert any(TC_KERNEL in s for s in names), names
+    assert any("tc_reduce" in s for s in names), names
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=TC_IDS)
+@pytest.mark.parametrize("rows", [16, 40, 64])
+def test_tc_non_contiguous(dtype, rows):
+    n, m = 72, 136
+    w = rand(m, n, device="cuda", dtype=dtype).t()  # transposed
+    x = rand(rows, 2 * m, device="cuda", dtype=dtype)[:, ::2]  # strided columns
+    b = rand(2 * n, device="cuda", dtype=dtype)[::2]
+    assert not (w.is_contiguous() or x.is_contiguous() or b.is_contiguous())
+    _tc_forward_agrees(x, w, b, "tc forward, non-contiguous")
+
+
+def test_tc_batched_input():
+    x = rand(2, 3, 8, 64, device="cuda", dtype=torch.bfloat16)  # 48 rows
+    w, b = rand(24, 64, device="cuda", dtype=torch.bfloat16), rand(24, device="cuda")
+    y = _tc_forward_agrees(x, w, b.bfloat16(), "tc forward, batched")
+    assert y.shape == (2, 3, 8, 24)
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=TC_IDS)
+def test_tc_kernel_runs_only_where_it_fits(dtype, tensor_cores):
+    """Switch on: the tc kernel runs for 16..64 rows of an aligned, m % 8 == 0 call, and the
+    CUDA-core paths (still correct) take m % 8 != 0, unaligned pointers, 15 and 65 rows, and
+    float32."""
+    n = 50
+
+    def launched(rows, m, dt=dtype, shift=False):
+        x, w = rand(rows, m, device="cuda", dtype=dt), rand(n, m, device="cuda", dtype=dt)
+        if shift:
+            x, w = _misaligned(x), _misaligned(w)
+        names = _cuda_kernels(lambda: ops.linear(x, w))
+        assert_agrees(ops.linear(x, w), F.linear(x.double(), w.double()), F.linear(x, w), k=m)
+        return any(TC_KERNEL in s for s in names)
+
+    assert launched(16, 64) and launched(64, 64) and launched(40, 72)
+    assert not launched(40, 67)  # rows of x and W not 16-byte aligned
+    assert not launched(40, 64, shift=True)
+    assert not launched(15, 64) and not launched(65, 64)
+    assert not launched(40, 64, dt=torch.float32)
+
+
+@pytest.mark.parametrize("rows", [17, 64])
+def test_tc_bitwise_deterministic(rows, tensor_cores):
+    n, m = 768, 4096  # k split over blocks: partial sums added in a fixed order
+    x, w, b = (rand(*s, device="cuda", dtype=torch.bfloat16) for s in ((rows, m), (n, m), (n,)))
+    first = ops.linear(x, w, b)
+    for _ in range(20):
+        assert torch.equal(ops.linear(x, w, b), first)
+
+
+# ---- the tensor-core grad_weight of 17..64 rows (backward_fewrows_tc.cu; off by default) ----
+
+TC_GW_KERNEL = "linear_backward_kernel_grad_weight_tc"
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=TC_IDS)
+@pytest.mark.parametrize("rows", [r for r in TC_ROWS if r > 16])
+# n: a partial 64-row tile, several; m: one 128-column tile (pairs of columns), odd (single
+# columns at the edge), several tiles.
+@pytest.mark.parametrize("n,m", [(37, 64), (129, 201), (70, 1000)], ids=str)
+def test_tc_grad_weight(dtype, rows, n, m, tensor_cores):
+    x, w, g = (rand(*s, device="cuda", dtype=dtype) for s in ((rows, m), (n, m), (rows, n)))
+    ref = g.double().t() @ x.double()
+    peer = g.t() @ x
+    poison_allocator((n, m), dtype, "cuda")
+    gi, gw, gb = ops.linear_backward(g, x, w, [False, True, False])
+    assert gi is None and gb is None and not gw.isnan().any()
+    assert_agrees(gw, ref, peer, k=rows, what="tc grad_weight")
+    for acc_dtype in (dtype, torch.float32):  # in place, in the dtype and as fp32 master
+        gw0 = rand(n, m, device="cuda", dtype=acc_dtype)
+        acc = gw0.clone()
+        ops.linear_backward_accumulate_(g, x, w, acc, [False, False])
+        assert_agrees(acc, gw0.double() + ref, k=rows + 1, what=f"tc grad_weight += ({acc_dtype})")
+
+
+@pytest.mark.parametrize("rows", [17, 64])
+def test_tc_grad_weight_full_backward(rows, tensor_cores):
+    """All three results with grad_W on the tensor cores, grad_input on the tiled GEMM; a
+    misaligned grad_W buffer takes the single-column stores."""
+    n, m, dtype = 200, 136, torch.bfloat16
+    x, w, g = (rand(*s, device="cuda", dtype=dtype) for s in ((rows, m), (n, m), (rows, n)))
+    _, rgi, rgw, rgb = references(g, x, w, None)
+    gi, gw, gb = ops.linear_backward(g, x, w, [True, True, True])
+    assert_agrees(gi, rgi, g @ w, k=n, what="grad_input")
+    assert_agrees(gw, rgw, g.t() @ x, k=rows, what="grad_weight")
+    assert_agrees(gb, rgb, g.sum(0), k=rows, what="grad_bias")
+    gw0 = rand(n, m, device="cuda", dtype=dtype)
+    acc = _misaligned(gw0)
+    assert acc.data_ptr() % 4 != 0
+    ops.linear_backward_accumulate_(g, x, w, acc, [False, False])
+    assert_agrees(acc, gw0.double() + rgw, k=rows + 1, what="misaligned accumulation")
+    names = _cuda_kernels(lambda: ops.linear_backward(g, x, w, [False, True, False]))
+    assert any(TC_GW_KERNEL in s for s in names), names
+    with policy.cuda_tensor_cores_enabled(False):
+        names = _cuda_kernels(lambda: ops.linear_backward(g, x, w, [False, True, False]))
+    assert not any(TC_GW_KERNEL in s for s in names), names

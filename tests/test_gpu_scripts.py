@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import torchmatgrad
-from scripts import gpu_bench, gpu_env, gpu_smoke, gpu_summary
+from scripts import gpu_bench, gpu_env, gpu_smoke, gpu_summary, gpu_tc_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -299,6 +299,37 @@ def test_built_kernels_match_the_sanitizer_filter(capsys):
     assert gpu_env.main(["--kernels"]) == 0, capsys.readouterr().out
 
 
+# ---- gpu_tc_bench ------------------------------------------------------------------------------
+
+
+def test_tc_bench_on_cpu_kernels(tmp_path, capsys):
+    """The tensor-core benchmark's plumbing on the CPU kernels (where the switch changes nothing):
+    every point timed for all three peers, the table printed, the JSON written; the switch and
+    the forced path are restored."""
+    forced, tc = torchmatgrad.policy.current_path(), torchmatgrad.policy.cuda_tensor_cores()
+    assert gpu_tc_bench.main(["--device", "cpu", "--out", str(tmp_path), "--quick"]) == 0
+    assert (torchmatgrad.policy.current_path(), torchmatgrad.policy.cuda_tensor_cores()) == (
+        forced,
+        tc,
+    )
+    out = capsys.readouterr().out
+    assert "tensor-core few-rows forward vs cuBLAS" in out
+    doc = json.loads((tmp_path / "tc-bench.json").read_text())
+    dtypes, sizes, rows = gpu_tc_bench.SHAPES["cpu"]
+    assert len(doc["rows"]) == len(dtypes) * len(sizes) * len(rows)
+    for r in doc["rows"]:
+        assert not r["errors"], r["errors"]
+        assert all(v > 0 for v in r["ms"].values()) and r["speedup_vs_cublas"] > 0
+        assert r["rel_err_vs_cublas"]["tensor-cores"] < 0.05
+    assert gpu_tc_bench.SHAPES["cuda"] == (["bf16", "fp16"], [4096, 8192], [16, 32, 64])
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is visible")
+def test_tc_bench_without_gpu_says_so(tmp_path, capsys):
+    assert gpu_tc_bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 77
+    assert "skipped: no CUDA GPU visible" in capsys.readouterr().out
+
+
 # ---- gpu_check.sh -------------------------------------------------------------------------------
 
 
@@ -331,6 +362,12 @@ def test_check_dry_run_lists_every_step(tmp_path):
         assert "-m scripts.gpu_smoke --device cuda --sanitize" in cmd[tool]
     assert "not\\ compile" in cmd["tests"] and "over_2_31" in cmd["big"]
     assert "--rows 1 2 4 8 16 32 64 256 4096" in cmd["sweep"]
+    # The tensor-core stage: numbers first, then its tests, then the others with it switched on.
+    assert names.index("tc-bench") < names.index("tc-tests") < names.index("tc-suite")
+    assert "-m scripts.gpu_tc_bench --device cuda" in cmd["tc-bench"]
+    assert "tc_" in cmd["tc-tests"] and "tests/test_cuda.py" in cmd["tc-tests"]
+    for name in ("tc-smoke", "tc-memcheck", "tc-racecheck", "tc-suite"):
+        assert cmd[name].startswith("TORCHMATGRAD_CUDA_TC=1 "), cmd[name]
     status = (tmp_path / "status.txt").read_text()
     assert status.count("dry-run (timeout") == len(steps)
     assert all(int(t) <= 300 for t in re.findall(r"timeout (\d+)s", status))  # one call each

@@ -106,6 +106,66 @@ def test_bad_environment_value_is_a_clear_error():
     assert "TORCHMATGRAD_PATH must be one of auto, kernel, vendor, got 'fastest'" in done.stderr
 
 
+# ---- the tensor-core few-rows forward's switch (CUDA kernel; the switch itself is device-free) --
+
+
+@pytest.mark.parametrize("value,want", [("", "False"), ("0", "False"), ("1", "True")])
+def test_tensor_core_switch_from_the_environment(value, want):
+    done = run_python(
+        "import torchmatgrad as t; print(t.policy.cuda_tensor_cores(), t._C.cuda_tc_env)",
+        TORCHMATGRAD_CUDA_TC=value,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [want, str(int(want == "True"))]
+
+
+def test_tensor_core_switch_bad_value_is_a_clear_error():
+    done = run_python("import torchmatgrad", TORCHMATGRAD_CUDA_TC="yes")
+    assert done.returncode != 0
+    assert "TORCHMATGRAD_CUDA_TC must be 0 or 1, got 'yes'" in done.stderr
+
+
+def test_tensor_core_switch_is_off_by_default_and_restored():
+    from torchmatgrad.cli import info
+
+    if os.environ.get("TORCHMATGRAD_CUDA_TC") == "1":
+        pytest.skip("this process was started with TORCHMATGRAD_CUDA_TC=1")
+    assert policy.cuda_tensor_cores() is False
+    assert "enabled no" in info.tc_status() and "unverified on hardware" in info.tc_status()
+    bf16, rows = torch.bfloat16, torchmatgrad._C.tc_few_rows_min
+    top = torchmatgrad._C.tc_few_rows_max
+    cores = {r: info._kernel_path("cuda", r).name for r in (rows, top, top + 1)}
+    assert cores == {rows: "cuda:few-rows", top: "cuda:tiled", top + 1: "cuda:tiled"}
+    with policy.force_path("kernel"):
+        assert info.dispatch_path("cuda", rows, bf16, 1024, 1024) == cores[rows]
+        with policy.cuda_tensor_cores_enabled():
+            assert policy.cuda_tensor_cores() is True
+            assert "enabled yes" in info.tc_status()
+            assert info.dispatch_path("cuda", rows, bf16, 1024, 1024) == info.TC_PATH
+            assert info.dispatch_path("cuda", top, torch.float16, 64, 64) == info.TC_PATH
+            # Not on the tensor cores: too many rows, float32, m % 8 != 0, the backward.
+            assert info.dispatch_path("cuda", top + 1, bf16, 1024, 1024) == cores[top + 1]
+            assert info.dispatch_path("cuda", top, torch.float32, 1024, 1024) == cores[top]
+            assert info.dispatch_path("cuda", top, bf16, 1024, 1027) == cores[top]
+            assert info.dispatch_path("cuda", top, bf16, op="backward") == cores[top]
+        # The vendor route comes first: the switch only changes the kernel path.
+        with policy.force_path("vendor"), policy.cuda_tensor_cores_enabled():
+            assert info.dispatch_path("cuda", rows, bf16, 1024, 1024) == "cuda:vendor:cuBLAS"
+    assert policy.cuda_tensor_cores() is False
+
+
+def test_info_states_the_tensor_core_kernels():
+    from torchmatgrad.cli import info
+
+    text = info.info_text()
+    compiled = "compiled yes" if torchmatgrad._C.with_cuda else "compiled no (CPU-only build)"
+    line = next(s for s in text.splitlines() if s.startswith("CUDA tensor-core few-rows kernels"))
+    assert compiled in line and "unverified on hardware" in line and "TORCHMATGRAD_CUDA_TC" in line
+    lo, hi = torchmatgrad._C.tc_few_rows_min, torchmatgrad._C.tc_few_rows_max
+    assert (lo, hi) == (torchmatgrad._C.few_rows, 64)
+    assert f"{info.TC_PATH}: {lo} ≤ R ≤ {hi}, forward and grad_W" in text
+
+
 @pytest.mark.parametrize("path", ["kernel", "vendor"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [(1,), (3, 7), (40,)], ids=str)

@@ -377,6 +377,36 @@ def force_path(name: str) -> Iterator[None]:
         _set_forced(previous)
 
 
+# ---- the tensor-core few-rows forward (CUDA) --------------------------------------------------
+
+
+def cuda_tensor_cores() -> bool:
+    """Whether the CUDA kernels may run bfloat16/float16 calls of ``_C.tc_few_rows_min`` ..
+    ``_C.tc_few_rows_max`` rows on tensor cores (mma.sync): the forward (W read once) and, above
+    ``_C.few_rows`` rows, the backward's grad_W, where the kernel path runs. Off unless the
+    process started with ``TORCHMATGRAD_CUDA_TC=1`` or :func:`set_cuda_tensor_cores` turned it
+    on: the kernels are compiled but have not yet been run on a GPU. The path policy still
+    decides kernel against vendor first (its CUDA defaults send 16-bit calls of 16 rows and more
+    to cuBLAS), so measuring them needs the kernel path forced."""
+    return bool(_ops._cuda_tensor_cores())
+
+
+def set_cuda_tensor_cores(on: bool) -> None:
+    """Turn the tensor-core few-rows forward on or off for the whole process."""
+    _ops._set_cuda_tensor_cores(bool(on))
+
+
+@contextlib.contextmanager
+def cuda_tensor_cores_enabled(on: bool = True) -> Iterator[None]:
+    """Within the block, :func:`cuda_tensor_cores` is ``on`` (process-wide, not per thread)."""
+    previous = cuda_tensor_cores()
+    set_cuda_tensor_cores(on)
+    try:
+        yield
+    finally:
+        set_cuda_tensor_cores(previous)
+
+
 def _init() -> None:
     env = os.environ.get("TORCHMATGRAD_PATH", "auto").strip().lower() or "auto"
     if env not in _FORCED:

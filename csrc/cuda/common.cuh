@@ -68,12 +68,40 @@ inline int64_t num_sms() {
   return sms;
 }
 
+// Compute capability major of the current device (asked of the runtime once per device).
+inline int capability_major() {
+  const int dev = c10::cuda::current_device();
+  static std::array<std::atomic<int>, 64> cache{};
+  int major = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (dev < 64) cache[dev].store(major, std::memory_order_relaxed);
+  }
+  return major;
+}
+
 // ---- host launchers, one kernel family per unit -------------------------------------------
 
 // forward_fewrows.cu: x [R ≤ kFewRows, m], W [n, m] -> y [R, n] (+ bias), W read once.
 template <typename T>
 void forward_fewrows(const T* x, const T* w, const T* b, T* y, int64_t R, int64_t n, int64_t m,
                      cudaStream_t stream);
+
+// forward_fewrows_tc.cu: the same on tensor cores for bfloat16/float16, kTcFewRowsMin ≤ R ≤
+// kTcFewRowsMax; x2d [R, m], w [n, m] contiguous, b [n] or undefined, y [R, n]. _fits: whether
+// these operands can take it (m > 0, m % 8 == 0, 16-byte aligned x and W, sm_80 or up).
+bool forward_fewrows_tc_fits(const at::Tensor& x2d, const at::Tensor& w);
+template <typename T>
+void forward_fewrows_tc(const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& b,
+                        const at::Tensor& y, cudaStream_t stream);
+
+// backward_fewrows_tc.cu: grad_W [n, m] (=|+=) Gᵀ·X on tensor cores for bfloat16/float16 and
+// kTcFewRowsMin ≤ R ≤ kTcFewRowsMax (grad_W of dtype O: T or float); g [R, n], x [R, m]
+// contiguous, any alignment. _fits: whether the shapes and the device (sm_80 or up) can take it.
+bool grad_weight_tc_fits(int64_t R, int64_t n, int64_t m);
+template <typename T, typename O>
+void grad_weight_tc(const T* g, const T* x, O* gw, int64_t R, int64_t n, int64_t m, bool accumulate,
+                    cudaStream_t stream);
 
 // gemm.cu: C [P, Q] (=|+=) A [P, K]·B [Q, K]ᵀ (+ bias [Q]); operand layouts as template flags
 // (KMAJOR: element (p, k) at p·ld + k, else at k·ld + p), so nothing is transposed in memory.

@@ -12,6 +12,11 @@
 //     pointer or the row length is not 16-byte aligned); the backward computes
 //     grad_W and grad_input in one pass over W (grad_bias fused), grad_input's per-row-chunk
 //     partial sums reduced by a second small kernel in a fixed order.
+//   16 ≤ R ≤ 64, bfloat16/float16, only with the tensor-core switch on (policy.h,
+//     cuda_tensor_cores; off by default, never yet run on a GPU): the forward on mma.sync
+//     (forward_fewrows_tc.cu), W read once; m % 8 != 0 or unaligned x/W fall back to the paths
+//     below. With the switch on, the backward's grad_W of 17..64 rows runs on mma.sync too
+//     (backward_fewrows_tc.cu; grad_input stays on the tiled GEMM).
 //   R > 16: a tiled shared-memory GEMM on CUDA cores (forward, grad_input, grad_W) and a
 //     column-sum kernel for grad_bias. Where the path policy (policy.h) measured cuBLAS faster,
 //     the launchers take the vendor route instead (vendor.h), named in `info` and bench rows.
@@ -62,9 +67,19 @@ void backward_into(const at::Tensor& g2d, const at::Tensor& x2d, const at::Tenso
   }
   // Many rows: GEMM-shaped products, read in place with the layout flags (no transposed copies).
   if (gb.defined()) bias_grad<T>(ptr<T>(g2d), ptr<T>(gb), R, n, stream);
-  if (gw.defined())  // gw [n, m] = Gᵀ [n, R] · X [R, m]
-    gemm<T, O, false, false>(ptr<T>(g2d), n, ptr<T>(x2d), m, ptr<O>(gw), m, nullptr, n, m, R,
-                             accumulate, stream);
+  if (gw.defined()) {  // gw [n, m] = Gᵀ [n, R] · X [R, m]
+    bool done = false;
+    if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+      if (R <= kTcFewRowsMax && policy::cuda_tensor_cores() && cuda::grad_weight_tc_fits(R, n, m)) {
+        cuda::grad_weight_tc<T, O>(ptr<T>(g2d), ptr<T>(x2d), ptr<O>(gw), R, n, m, accumulate,
+                                   stream);
+        done = true;
+      }
+    }
+    if (!done)
+      gemm<T, O, false, false>(ptr<T>(g2d), n, ptr<T>(x2d), m, ptr<O>(gw), m, nullptr, n, m, R,
+                               accumulate, stream);
+  }
   if (gi.defined())  // gi [R, m] = G [R, n] · W [n, m]
     gemm<T, T, true, false>(ptr<T>(g2d), n, ptr<T>(w), m, ptr<T>(gi), m, nullptr, R, m, n, false,
                             stream);
@@ -89,6 +104,13 @@ at::Tensor linear_forward_cuda(const at::Tensor& input, const at::Tensor& weight
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "torchmatgrad_linear_cuda", [&] {
           using T = scalar_t;
+          if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+            if (R >= kTcFewRowsMin && R <= kTcFewRowsMax && policy::cuda_tensor_cores() &&
+                cuda::forward_fewrows_tc_fits(x, w)) {
+              cuda::forward_fewrows_tc<T>(x, w, b, y, stream);
+              return;
+            }
+          }
           if (R <= kFewRows)
             cuda::forward_fewrows<T>(ptr<T>(x), ptr<T>(w), ptr<T>(b), ptr<T>(y), R, n, m, stream);
           else  // y [R, n] = x [R, m] · W [n, m]ᵀ + b

@@ -99,6 +99,35 @@ def _kernel_path(device_type: str, rows: int) -> KernelPath:
 
 VENDOR = {"cpu": "vendor:MKL/oneDNN", "cuda": "vendor:cuBLAS"}
 
+#: The tensor-core few-rows kernels (csrc/cuda/forward_fewrows_tc.cu, backward_fewrows_tc.cu):
+#: bfloat16/float16, rows TC_ROWS[0]..TC_ROWS[1], only with the switch on
+#: (policy.cuda_tensor_cores). dispatch_path names the forward's.
+TC_PATH = "cuda:few-rows-tc"
+TC_ROWS: tuple[int, int] = (_C.tc_few_rows_min, _C.tc_few_rows_max)
+TC_DESCRIPTION = (
+    "tensor cores (mma.sync m16n8k16, fp32 sums) for bfloat16/float16: blocks of 64 W rows "
+    "(16 per warp), W streamed once from global memory straight into the B fragments (16-byte "
+    "loads), x through shared memory in 128-column chunks (cp.async, double-buffered), k split "
+    "over blocks to fill the machine, partial sums added in a fixed order, bias fused; "
+    "in_features not a multiple of 8 or unaligned x/W take the paths above. Backward, "
+    "R > few_rows: grad_W = Gᵀ·X with K = R on mma.sync (64 × 128 tiles of grad_W, G and X "
+    "staged transposed in shared memory, each grad_W element written once), grad_input on the "
+    "tiled GEMM"
+)
+
+
+def tc_status() -> str:
+    """Whether the tensor-core few-rows kernels (forward, grad_W) are compiled and switched on,
+    and that they have not been run on a GPU yet."""
+    compiled = bool(getattr(_C, "with_cuda", 0))
+    enabled = policy.cuda_tensor_cores()
+    return (
+        f"compiled {'yes' if compiled else 'no (CPU-only build)'}, enabled "
+        f"{'yes' if enabled else 'no'} (TORCHMATGRAD_CUDA_TC=1 or "
+        "torchmatgrad.policy.set_cuda_tensor_cores; off by default); unverified on hardware: "
+        "never yet run on a GPU"
+    )
+
 
 def dispatch_path(
     device_type: str,
@@ -117,6 +146,8 @@ def dispatch_path(
         return f"{device_type}:{VENDOR[device_type]}"
     if device_type == "cpu" and dtype == torch.bfloat16 and uses_tiles(rows, op):
         return "cpu:tiles"
+    if device_type == "cuda" and uses_tensor_cores(rows, dtype, n if m is None else m, op):
+        return TC_PATH
     return _kernel_path(device_type, rows).name
 
 
@@ -126,6 +157,19 @@ def uses_tiles(rows: int, op: str = "forward") -> bool:
     if _C.cpu_isa not in ("amx", "amxemu"):
         return False
     return rows > (_C.cpu_dot_rows if op == "forward" else _C.few_rows)
+
+
+def uses_tensor_cores(rows: int, dtype: torch.dtype, m: int, op: str = "forward") -> bool:
+    """Whether a CUDA call on the kernel path runs on the tensor-core few-rows forward: switch on,
+    a bfloat16/float16 forward of TC_ROWS rows, in_features a multiple of 8 (and, not seen
+    here, 16-byte aligned operands on a device of sm_80 or up)."""
+    return (
+        op == "forward"
+        and dtype in (torch.bfloat16, torch.float16)
+        and TC_ROWS[0] <= rows <= TC_ROWS[1]
+        and m % 8 == 0
+        and policy.cuda_tensor_cores()
+    )
 
 
 def _compact(paths: list[str]) -> list[tuple[str, str]]:
@@ -209,6 +253,7 @@ def info_text() -> str:
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"Python {platform.python_version()} on {sys.platform}",
         f"CUDA kernels compiled: {cuda_line}",
+        f"CUDA tensor-core few-rows kernels ({TC_PATH}): {tc_status()}",
         f"Private torch APIs (torchmatgrad._compat): {compat}",
         "",
         "Devices:",
@@ -250,6 +295,11 @@ def info_text() -> str:
             lines.append(f"  {p.name:<13} {cond:<8} forward:  {p.forward}")
             lines.append(f"  {'':<13} {'':<8} backward: {p.backward}")
             lo = p.max_rows if p.max_rows is not None else lo
+    lines.append(
+        f"  {TC_PATH}: {TC_ROWS[0]} ≤ R ≤ {TC_ROWS[1]}, forward and grad_W, with the switch on "
+        f"(above: {'on' if policy.cuda_tensor_cores() else 'off'}) and the kernel path "
+        f"taken: {TC_DESCRIPTION}"
+    )
     lines.append(
         "  a weight stored transposed ([in, out] used as .t(), HF's Conv1D): read in place by "
         f"the CPU kernels up to {_C.transposed_forward_rows32} rows forward "
