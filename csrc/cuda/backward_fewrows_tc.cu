@@ -16,6 +16,7 @@
 
 #include "../switch.h"
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace torchmatgrad::cuda {
 namespace {
@@ -27,30 +28,6 @@ constexpr int kGwWarpN = 32;     // per warp: 2 m16 tiles
 constexpr int kGwWarpM = 64;     //           8 n8 tiles
 constexpr int kGwTilesN = kGwWarpN / 16;
 constexpr int kGwTilesM = kGwWarpM / 8;
-
-template <typename T>
-constexpr bool is_bf16() {
-  return std::is_same_v<T, c10::BFloat16>;
-}
-
-template <bool BF16>
-__device__ __forceinline__ void mma_16816_gw(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (BF16)
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
 
 template <typename O>
 __device__ __forceinline__ float to_float(O v) {
@@ -119,7 +96,7 @@ __global__ void __launch_bounds__(kGwThreads)
       const int c = wm + b * 8 + gr;
       const uint32_t bf[2] = {pair(&xt[c][k]), pair(&xt[c][k + 8])};
 #pragma unroll
-      for (int a = 0; a < kGwTilesN; ++a) mma_16816_gw<is_bf16<T>()>(acc[a][b], af[a], bf);
+      for (int a = 0; a < kGwTilesN; ++a) mma_16816<mma_bf16<T>>(acc[a][b], af[a], bf);
     }
   }
 

@@ -18,6 +18,7 @@
 
 #include "../switch.h"
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace torchmatgrad::cuda {
 namespace {
@@ -36,37 +37,6 @@ constexpr int kTcMaxRows = int(kTcFewRowsMax);  // 4 m16 tiles
 constexpr int kTcPitch = kTcChunk + 32;
 constexpr int kTcSmemBytes = 2 * kTcMaxRows * kTcPitch * 2;  // double-buffered: 40 KiB
 static_assert(kTcSmemBytes <= 48 * 1024, "static shared memory limit");
-
-template <typename T>
-struct MmaType;  // the PTX operand type of a 16-bit storage type
-template <>
-struct MmaType<c10::BFloat16> {
-  static constexpr bool bf16 = true;
-};
-template <>
-struct MmaType<c10::Half> {
-  static constexpr bool bf16 = false;
-};
-
-// d (+)= a·b for one m16n8k16 tile, fp32 accumulators.
-template <bool BF16>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
-                                          const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (BF16)
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
 
 // 16 bytes of W, streamed: read once, so not kept in L1.
 __device__ __forceinline__ uint4 load_stream(const void* p) {
@@ -117,7 +87,7 @@ __global__ void __launch_bounds__(kTcThreads)
                                      const T* __restrict__ bias, T* __restrict__ y,
                                      float* __restrict__ partial, int R, int64_t n, int64_t m,
                                      int64_t chunks_per_split) {
-  constexpr bool kBf16 = MmaType<T>::bf16;
+  constexpr bool kBf16 = mma_bf16<T>;
   constexpr int kRows = 16 * MT;
   __shared__ __align__(16) uint16_t xs[2][kRows][kTcPitch];
 
